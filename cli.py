@@ -1,0 +1,161 @@
+"""``dualfocus`` command line: a thin table of commands, each calling one stage function.
+
+Every stage takes ``--config FILE`` (YAML) and trailing ``key=value`` overrides (dotted keys of the
+stage's dataclass config); common options are also plain flags. Heavy libraries are imported inside the
+commands so ``dualfocus --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Extract frozen video features once, then train and evaluate the DualFocus connector.")
+
+OverridesArg = typer.Argument(None, help="Config overrides as dotted key=value, e.g. decode.fps=2 store.format=webdataset")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (applied before key=value overrides).")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def friendly_errors(fn):
+    """Turn the errors users can fix (bad config, path, store, model) into one line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from dualfocus.pipeline.errors import USER_ERRORS
+
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _given(**flags: Any) -> dict[str, Any]:
+    """Flags the user actually passed (None means 'not given')."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+@app.command("init-tiny")
+@friendly_errors
+def init_tiny(out_dir: Path = typer.Argument(..., help="Directory to write the tiny model to."),
+              seed: int = typer.Option(0, help="Seed for the random weights.")):
+    """Write a tiny random InstructBLIP-layout model (for tests, CI and the demo)."""
+    from dualfocus.pipeline.tiny import TinyModelConfig, write_tiny_model
+
+    path = write_tiny_model(out_dir, TinyModelConfig(seed=seed))
+    typer.echo(f"tiny model written to {path}")
+
+
+@app.command("toy-corpus")
+@friendly_errors
+def toy_corpus(out_dir: Path = typer.Argument(..., help="Directory for videos/, train.json, test_q.json, test_a.json."),
+               videos: int = typer.Option(200, "--videos", "-n", help="Number of clips to render."),
+               seed: int = typer.Option(0, help="Seed; the same seed gives the same corpus.")):
+    """Render the synthetic toy corpus (coloured shapes moving in one direction) and its QA files."""
+    from dualfocus.pipeline.toy import make_toy_corpus
+
+    info = make_toy_corpus(out_dir, n_videos=videos, seed=seed)
+    typer.echo(f"toy corpus written to {out_dir}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+
+
+@app.command("extract")
+@friendly_errors
+def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/JSONL/Parquet with video_id, path."),
+            overrides: Optional[list[str]] = OverridesArg,
+            model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model directory."),
+            out: Optional[str] = typer.Option(None, "--out", "-o", help="Feature store directory."),
+            config: Optional[Path] = ConfigOpt,
+            fps: Optional[float] = typer.Option(None, help="Frames sampled per second [decode.fps]."),
+            max_frames: Optional[int] = typer.Option(None, help="Cap on frames per video [decode.max_frames]."),
+            format: Optional[str] = typer.Option(None, "--format", help="zarr or webdataset [store.format]."),
+            dtype: Optional[str] = typer.Option(None, help="float16, bfloat16 or float32 [store.dtype]."),
+            batch_size: Optional[int] = typer.Option(None, help="Frames per encoder forward [encoder.batch_frames]."),
+            decode_workers: Optional[int] = typer.Option(None, help="Decoding actors [ray.decode_workers]."),
+            encoder_actors: Optional[int] = typer.Option(None, help="Encoder actors [ray.encoder_actors]."),
+            gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per encoder actor [ray.gpus_per_actor]."),
+            ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting one."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+            limit: Optional[int] = typer.Option(None, help="Process at most N new videos."),
+            max_failures: Optional[str] = typer.Option(
+                None, help="Failures tolerated: a count (3) or a fraction (0.05); exceeded => exit 1."),
+            no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
+    """Decode videos, run the frozen vision encoder once per frame, write a sharded feature store."""
+    import yaml
+
+    from dualfocus.extract.config import ExtractConfig
+    from dualfocus.extract.report import print_extract_summary
+    from dualfocus.extract.run import run_extract
+    from dualfocus.pipeline.config import load_config
+
+    values = _given(corpus=corpus, model=model, out=out, **{
+        "decode.fps": fps, "decode.max_frames": max_frames, "store.format": format, "store.dtype": dtype,
+        "encoder.batch_frames": batch_size, "ray.decode_workers": decode_workers,
+        "ray.encoder_actors": encoder_actors, "ray.gpus_per_actor": gpus_per_actor, "ray.address": ray_address,
+        "limit": limit, "max_failures": yaml.safe_load(max_failures) if max_failures is not None else None})
+    if overwrite:
+        values["overwrite"] = True
+    cfg = load_config(ExtractConfig, config, overrides or (), values)
+    summary = run_extract(cfg, progress=not no_progress and sys.stdout.isatty())
+    print_extract_summary(summary, _console())
+    if summary.failures_exceeded:
+        raise typer.Exit(1)
+
+
+@app.command("inspect")
+@friendly_errors
+def inspect_store(store: str = typer.Argument(..., help="Feature store directory."),
+                  as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
+    """Format, fingerprint, counts, frames, bytes per frame and failures of a feature store."""
+    from dualfocus.store.summary import print_summary, summarize
+
+    info = summarize(store)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(info, indent=2, default=str))
+    else:
+        print_summary(info, _console())
+
+
+@app.command("train")
+@friendly_errors
+def train(store: str = typer.Argument(..., help="Feature store written by `dualfocus extract`."),
+          annotations: str = typer.Argument(..., help="Training QA: VideoInstruct JSON or JSONL."),
+          overrides: Optional[list[str]] = OverridesArg,
+          model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model directory."),
+          out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory."),
+          config: Optional[Path] = ConfigOpt,
+          max_steps: Optional[int] = typer.Option(None, help="Optimiser steps [max_steps]."),
+          resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+          no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
+    """Train the Q-Former + FFP connector on cached features with DeepSpeed (LLM frozen)."""
+    from dualfocus.pipeline.config import load_config
+    from dualfocus.train.config import TrainConfig
+    from dualfocus.train.loop import run_train
+    from dualfocus.train.report import print_train_summary
+
+    values = _given(store=store, annotations=annotations, model=model, out=out, max_steps=max_steps)
+    cfg = load_config(TrainConfig, config, overrides or (), values)
+    summary = run_train(cfg, resume=resume, progress=not no_progress and sys.stdout.isatty())
+    print_train_summary(summary, _console())
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,151 @@
+"""Configuration of ``dualfocus extract``: one dataclass per component, composed in ``ExtractConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DecodeConfig:
+    """How frames are sampled and decoded."""
+
+    fps: float = 1.0
+    """Frames sampled per second of video (DualFocus: 1)."""
+    max_frames: int | None = None
+    """Cap on frames per video, reached by uniform subsampling; null = no cap."""
+    backend: Literal["decord", "pyav"] = "decord"
+    """Decoder tried first; PyAV is the fallback when decord fails on a file."""
+    chunk_frames: int = 16
+    """Frames decoded and shipped together; bounds memory per video in flight."""
+    timeout_s: float = 60.0
+    """Wall-clock limit without progress while decoding one video; past it the video fails."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.fps <= 0:
+            problems.append(f"fps must be > 0, got {self.fps}")
+        if self.max_frames is not None and self.max_frames < 1:
+            problems.append(f"max_frames must be >= 1 or null, got {self.max_frames}")
+        if self.chunk_frames < 1:
+            problems.append(f"chunk_frames must be >= 1, got {self.chunk_frames}")
+        if self.timeout_s <= 0:
+            problems.append(f"timeout_s must be > 0, got {self.timeout_s}")
+        return problems
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen vision tower."""
+
+    device: str = "auto"
+    """"auto" (cuda when available), "cuda", "cuda:1" or "cpu"."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the tower runs in; auto = bfloat16 on GPU, float32 on CPU."""
+    batch_frames: int = 32
+    """Frames per encoder forward."""
+    threads: int | None = None
+    """torch intra-op threads in each encoder actor; null = torch's default."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.batch_frames < 1:
+            problems.append(f"batch_frames must be >= 1, got {self.batch_frames}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be >= 1 or null, got {self.threads}")
+        return problems
+
+
+@dataclass
+class StoreConfig:
+    """The feature store written."""
+
+    format: Literal["zarr", "webdataset"] = "zarr"
+    """Shard format: Zarr v3 (random access) or WebDataset tar (streaming)."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the feature arrays."""
+    videos_per_shard: int = 256
+    """A shard is closed after this many videos (a video never spans shards)."""
+    max_shard_mb: int = 2048
+    """...or once it holds this many MiB, whichever comes first."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.videos_per_shard < 1:
+            problems.append(f"videos_per_shard must be >= 1, got {self.videos_per_shard}")
+        if self.max_shard_mb < 1:
+            problems.append(f"max_shard_mb must be >= 1, got {self.max_shard_mb}")
+        return problems
+
+
+@dataclass
+class RayConfig:
+    """Where and how wide the Ray Data pipeline runs."""
+
+    address: str | None = None
+    """Ray cluster address ("auto", "ray://host:10001"); null starts Ray locally."""
+    decode_workers: int = 1
+    """Decoding actors (each owns one decoder child process)."""
+    decode_cpus: float = 1.0
+    """CPUs reserved per decoding actor."""
+    encoder_actors: int = 1
+    """Encoder actors (one vision tower each)."""
+    encoder_cpus: float = 1.0
+    """CPUs reserved per encoder actor."""
+    gpus_per_actor: float = 0.0
+    """GPUs per encoder actor (0 on a CPU machine, 1 on a GPU node)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        for name in ("decode_workers", "encoder_actors"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("decode_cpus", "encoder_cpus", "gpus_per_actor"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        return problems
+
+
+@dataclass
+class ExtractConfig:
+    """Everything ``dualfocus extract`` needs; the resolved copy is saved as STORE/extract_config.yaml."""
+
+    corpus: str = ""
+    """Directory of videos, or a CSV/JSONL/Parquet table with video_id, path."""
+    model: str = ""
+    """Local InstructBLIP-layout model directory (or one written by `dualfocus init-tiny`)."""
+    out: str = ""
+    """Feature store directory to create or resume."""
+    overwrite: bool = False
+    """Delete an existing store first (needed when its encoder fingerprint differs)."""
+    limit: int | None = None
+    """Process at most this many not-yet-extracted videos (a quick trial run)."""
+    max_failures: int | float | None = 0.05
+    """Failed videos tolerated: a count (int) or a fraction of the videos attempted (0..1); null = any.
+    Exceeded => exit status 1 (the store still holds every good video)."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def check(self) -> list[str]:
+        problems = []
+        for name in ("corpus", "model", "out"):
+            if not getattr(self, name):
+                problems.append(f"{name} is required")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit must be >= 1 or null, got {self.limit}")
+        mf = self.max_failures
+        if isinstance(mf, float) and not 0 <= mf <= 1:
+            problems.append(f"max_failures as a fraction must be within 0..1, got {mf}")
+        if isinstance(mf, int) and mf < 0:
+            problems.append(f"max_failures as a count must be >= 0, got {mf}")
+        return problems
+
+    def failures_exceeded(self, failed: int, attempted: int) -> bool:
+        """True when ``failed`` out of ``attempted`` videos goes past ``max_failures``."""
+        if self.max_failures is None or failed == 0:
+            return False
+        if isinstance(self.max_failures, float):
+            return failed > self.max_failures * attempted
+        return failed > self.max_failures

@@ -1,0 +1,194 @@
+"""``run_extract``: corpus -> Ray Data (decode actors -> encoder actor pool) -> one shard writer.
+
+The driver is the only writer of shards: it consumes the pipeline's output in corpus order
+(``preserve_order``), so a video's chunks arrive consecutively and are appended to the open shard as
+they come, never held whole in memory. One writer per shard, a video never split across shards, and
+the commit protocol of ``store/`` make a hard kill safe: a rerun of the same command removes the
+uncommitted shard and redoes only what was not committed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dualfocus.extract.config import ExtractConfig
+from dualfocus.extract.encoder import POOL_FACTOR, SEMANTIC_LAYER, SPATIOTEMPORAL_LAYER
+
+
+@dataclass
+class ExtractSummary:
+    """What an extract run did; printed at the end and returned to callers."""
+
+    store: str
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    frames: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    removed_garbage: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    failures_exceeded: bool = False
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def encoder_fingerprint(cfg: ExtractConfig) -> dict:
+    """Everything that changes the stored numbers; a store only ever holds one fingerprint."""
+    from dualfocus.pipeline.models import config_hash, load_image_spec
+
+    spec = load_image_spec(cfg.model)
+    return {
+        "model": str(Path(cfg.model).resolve()),
+        "config_hash": config_hash(cfg.model),
+        "semantic_layer": SEMANTIC_LAYER,
+        "spatiotemporal_layer": SPATIOTEMPORAL_LAYER,
+        "pool_factor": POOL_FACTOR,
+        "image_size": spec.size,
+        "image_mean": list(spec.mean),
+        "image_std": list(spec.std),
+        "fps": cfg.decode.fps,
+        "max_frames": cfg.decode.max_frames,
+        "dtype": cfg.store.dtype,
+    }
+
+
+def stream_shapes(model_dir: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Per-frame shapes of (semantic, spatiotemporal) for the model's vision tower."""
+    from dualfocus.pipeline.models import load_config
+
+    vc = load_config(model_dir).vision_config
+    p = (vc.image_size // vc.patch_size) ** 2
+    return (p + 1, vc.hidden_size), (p // POOL_FACTOR, vc.hidden_size)
+
+
+def _init_ray(cfg: ExtractConfig):
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+        return
+    # Locally, reserve exactly what the stages ask for (at least the machine's cores) so the actor
+    # pools always fit, even on a 2-core laptop.
+    wanted = cfg.ray.decode_workers * cfg.ray.decode_cpus + cfg.ray.encoder_actors * cfg.ray.encoder_cpus
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False,
+             log_to_driver=True, configure_logging=True, logging_level="ERROR")
+
+
+def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
+    """The Ray Dataset of encoded chunk rows for the videos in ``todo`` (lazy; nothing runs yet)."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from dualfocus.extract.stages import DecodeStage, EncodeStage
+    from dualfocus.pipeline.models import load_image_spec
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # a video's chunks reach the writer consecutively
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    size = load_image_spec(cfg.model).size
+    rows_per_batch = max(1, cfg.encoder.batch_frames // cfg.decode.chunk_frames)
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 200)))
+    ds = ds.flat_map(
+        DecodeStage,
+        fn_constructor_kwargs=dict(fps=cfg.decode.fps, max_frames=cfg.decode.max_frames, size=size,
+                                   chunk_frames=cfg.decode.chunk_frames, backend=cfg.decode.backend,
+                                   timeout_s=cfg.decode.timeout_s),
+        compute=ActorPoolStrategy(size=cfg.ray.decode_workers),
+        num_cpus=cfg.ray.decode_cpus,
+    )
+    ds = ds.map_batches(
+        EncodeStage,
+        fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), device=cfg.encoder.device,
+                                   compute_dtype=cfg.encoder.compute_dtype, batch_frames=cfg.encoder.batch_frames,
+                                   out_dtype="float32" if cfg.store.dtype == "float32" else "float16",
+                                   threads=cfg.encoder.threads),
+        batch_size=rows_per_batch,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=cfg.ray.encoder_actors),
+        num_cpus=cfg.ray.encoder_cpus,
+        num_gpus=cfg.ray.gpus_per_actor,
+    )
+    return ds
+
+
+def write_rows(rows, writer, summary: ExtractSummary, on_video=None) -> None:
+    """Feed chunk rows (in order) into the store writer; one manifest row per video."""
+    current = None
+    for row in rows:
+        vid = row["video_id"]
+        if row["error"]:
+            if current == vid:
+                result = writer.abort_video(row["error"])
+            else:
+                result = writer.add_failed(vid, row["path"], row["error"],
+                                           meta=dict(n_frames=0, duration_s=float(row["duration_s"]),
+                                                     native_fps=float(row["native_fps"])))
+            current = None
+            summary.failed += 1
+            summary.failures.append((vid, row["error"]))
+            if on_video:
+                on_video(result)
+            continue
+        if current != vid:
+            writer.begin_video(vid, row["path"], dict(n_frames=int(row["n_frames"]),
+                                                      duration_s=float(row["duration_s"]),
+                                                      native_fps=float(row["native_fps"])))
+            current = vid
+        writer.add_frames(row["semantic"], row["spatiotemporal"], row["timestamps"])
+        if row["last"]:
+            result = writer.end_video()
+            current = None
+            summary.ok += 1
+            summary.frames += int(result.get("length", row["n_frames"]))
+            summary.bytes += int(result.get("bytes", 0))
+            if on_video:
+                on_video(result)
+
+
+def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
+    """Extract features for every video of ``cfg.corpus`` not already in ``cfg.out``; see module doc."""
+    from dualfocus.pipeline.config import save_config
+    from dualfocus.pipeline.corpus import read_corpus
+    from dualfocus.pipeline.progress import video_progress
+    from dualfocus.store import StoreWriter
+
+    rows = read_corpus(cfg.corpus)                 # errors on duplicates / empty before any work
+    fingerprint = encoder_fingerprint(cfg)         # errors on a bad model dir before any work
+    sem_shape, mot_shape = stream_shapes(cfg.model)
+    summary = ExtractSummary(store=cfg.out, total=len(rows))
+    start = time.perf_counter()
+    writer = StoreWriter(cfg.out, format=cfg.store.format, dtype=cfg.store.dtype, fingerprint=fingerprint,
+                         semantic_shape=sem_shape, spatiotemporal_shape=mot_shape,
+                         videos_per_shard=cfg.store.videos_per_shard,
+                         max_shard_bytes=cfg.store.max_shard_mb * 2**20, overwrite=cfg.overwrite)
+    summary.removed_garbage = list(writer.removed_garbage())
+    save_config(cfg, Path(cfg.out) / "extract_config.yaml")
+    done = writer.done_ids()
+    todo = [{"video_id": r.video_id, "path": r.path} for r in rows if r.video_id not in done]
+    summary.skipped = len(rows) - len(todo)
+    if cfg.limit is not None:
+        todo = todo[: cfg.limit]
+    if not todo:
+        writer.close()
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    _init_ray(cfg)
+    ds = build_pipeline(cfg, todo)
+    with writer, video_progress(len(todo), enabled=progress) as advance:
+        write_rows(ds.iter_rows(), writer, summary, on_video=advance)
+    summary.seconds = time.perf_counter() - start
+    summary.failures_exceeded = cfg.failures_exceeded(summary.failed, summary.ok + summary.failed)
+    return summary

@@ -1,0 +1,87 @@
+"""Read a video corpus: a directory of videos, or a CSV / JSONL / Parquet table with ``video_id, path``.
+
+Every problem a corpus can have that would waste a long extract run is reported up front, naming the
+file and the offending ids: duplicate ids, missing columns, an empty corpus. A path that does not exist
+is *not* an error here: that video becomes a ``failed`` manifest row like any other bad file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ts"}
+TABLE_EXTENSIONS = {".csv", ".jsonl", ".parquet"}
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be used as given (message names the path and the ids)."""
+
+
+@dataclass(frozen=True)
+class CorpusRow:
+    """One input video: its id (kept verbatim in the manifest) and its path."""
+
+    video_id: str
+    path: str
+
+
+def read_corpus(source: str | Path) -> list[CorpusRow]:
+    """All rows of the corpus in a stable order; raises CorpusError for an unusable corpus."""
+    source = Path(source)
+    if not source.exists():
+        raise CorpusError(f"corpus not found: {source}")
+    if source.is_dir():
+        rows = _scan_directory(source)
+    elif source.suffix.lower() in TABLE_EXTENSIONS:
+        rows = _read_table(source)
+    else:
+        raise CorpusError(f"{source}: a corpus is a directory of videos or a .csv/.jsonl/.parquet table")
+    if not rows:
+        raise CorpusError(f"no videos found in {source}")
+    duplicates = sorted(vid for vid, n in Counter(r.video_id for r in rows).items() if n > 1)
+    if duplicates:
+        shown = ", ".join(repr(d) for d in duplicates[:10])
+        more = f" and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
+        raise CorpusError(f"{source}: duplicate video_id values: {shown}{more}; every video needs a unique id")
+    return rows
+
+
+def _scan_directory(root: Path) -> list[CorpusRow]:
+    """Recursive scan; the id is the path relative to ``root`` without its extension."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    return [CorpusRow(video_id=p.relative_to(root).with_suffix("").as_posix(), path=str(p)) for p in files]
+
+
+def _read_table(path: Path) -> list[CorpusRow]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(path).to_pylist()
+    elif suffix == ".csv":
+        import csv
+
+        with path.open(newline="") as f:
+            records = list(csv.DictReader(f))
+    else:
+        records = []
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+    rows = []
+    for i, rec in enumerate(records):
+        missing = [c for c in ("video_id", "path") if not isinstance(rec, dict) or rec.get(c) in (None, "")]
+        if missing:
+            raise CorpusError(f"{path}: row {i + 1} has no {' or '.join(missing)} (columns needed: video_id, path)")
+        video_path = Path(str(rec["path"]))
+        if not video_path.is_absolute():
+            video_path = path.parent / video_path  # relative paths are relative to the table file
+        rows.append(CorpusRow(video_id=str(rec["video_id"]), path=str(video_path)))
+    return rows

@@ -1,0 +1,47 @@
+"""Progress bars shared by the stages (rich), silent when disabled or when output is not a terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def video_progress(total: int, enabled: bool = True, label: str = "extract") -> Iterator[Callable[[dict], None]]:
+    """Yield ``advance(result_row)``; shows videos done, ok/failed counts and frames per second."""
+    if not enabled:
+        yield lambda result: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    counts = {"ok": 0, "failed": 0, "frames": 0}
+    start = time.perf_counter()
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(label, total=total, info="")
+
+        def advance(result: dict) -> None:
+            ok = result.get("status") == "ok"
+            counts["ok" if ok else "failed"] += 1
+            counts["frames"] += int(result.get("length", 0)) if ok else 0
+            fps = counts["frames"] / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, advance=1, info=f"ok {counts['ok']} failed {counts['failed']} | {fps:.1f} frames/s")
+
+        yield advance
+
+
+@contextlib.contextmanager
+def step_progress(total: int, start: int = 0, enabled: bool = True, label: str = "train") -> Iterator[Callable[[float, float], None]]:
+    """Yield ``advance(loss, samples_per_s)`` for a training loop of ``total`` optimiser steps."""
+    if not enabled:
+        yield lambda loss, sps: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns) as bar:
+        task = bar.add_task(label, total=total, completed=start, info="")
+        yield lambda loss, sps: bar.update(task, advance=1, info=f"loss {loss:.4f} | {sps:.1f} samples/s")

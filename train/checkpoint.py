@@ -1,0 +1,105 @@
+"""Run-directory bookkeeping: resumable DeepSpeed checkpoints, RNG state, and the final export.
+
+RUN_DIR/
+    train_config.yaml        resolved config of the run (compared on --resume)
+    checkpoints/stepNNNNNNN/ DeepSpeed checkpoint of the trainable weights + optimiser + scheduler
+                             (frozen LLM excluded) and our client state: step, data position, RNG
+    metrics.jsonl            one line per logged step
+    loss.png                 loss curve, written at the end
+    final/connector.safetensors + final/dualfocus.json   the export that generate/ask load
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EXPORT_WEIGHTS = "connector.safetensors"
+EXPORT_META = "dualfocus.json"
+
+
+def rng_state() -> dict:
+    """Every RNG a training step touches (Python, NumPy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_tags(run_dir: Path) -> list[str]:
+    """Step checkpoint tags in step order."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)]
+    return sorted(tags, key=lambda t: int(t[4:]))
+
+
+def latest_complete_tag(run_dir: Path) -> str | None:
+    """Newest checkpoint whose ``client_state.pt`` was written (written last, so it marks completeness)."""
+    for tag in reversed(checkpoint_tags(run_dir)):
+        if (Path(run_dir) / "checkpoints" / tag / "client_state.pt").is_file():
+            return tag
+    return None
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, client: dict, keep: int) -> str:
+    """DeepSpeed checkpoint of the trainable state, then our client state, then prune old ones."""
+    tag = f"step{step:07d}"
+    root = Path(run_dir) / "checkpoints"
+    engine.save_checkpoint(str(root), tag=tag, client_state={}, exclude_frozen_parameters=True)
+    if engine.global_rank == 0:
+        torch.save({**client, "rng": rng_state()}, root / tag / "client_state.pt.tmp")
+        (root / tag / "client_state.pt.tmp").rename(root / tag / "client_state.pt")
+        for old in checkpoint_tags(run_dir)[:-keep]:
+            shutil.rmtree(root / old, ignore_errors=True)
+    return tag
+
+
+def load_checkpoint(engine, run_dir: Path, tag: str) -> dict:
+    """Restore weights, optimiser, scheduler and RNG; returns the client state (step, data position)."""
+    root = Path(run_dir) / "checkpoints"
+    engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
+    client = torch.load(root / tag / "client_state.pt", weights_only=False)
+    set_rng_state(client.pop("rng"))
+    return client
+
+
+def export_connector(model, run_dir: Path, meta: dict) -> Path:
+    """Write final/connector.safetensors (trainable weights, fp32) and final/dualfocus.json."""
+    from safetensors.torch import save_file
+
+    out = Path(run_dir) / "final"
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    save_file(state, str(out / EXPORT_WEIGHTS))
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def read_export(path: str | Path) -> tuple[dict, dict]:
+    """(meta, state_dict) of an export directory; a clear error when it is not one."""
+    from safetensors.torch import load_file
+
+    from dualfocus.pipeline.errors import UserError
+
+    path = Path(path)
+    meta_path = path / EXPORT_META
+    if not meta_path.is_file() or not (path / EXPORT_WEIGHTS).is_file():
+        raise UserError(f"{path} is not a dualfocus export (expected {EXPORT_META} and {EXPORT_WEIGHTS}; "
+                        "pass RUN_DIR/final)")
+    return json.loads(meta_path.read_text()), load_file(str(path / EXPORT_WEIGHTS))

@@ -1,0 +1,149 @@
+"""Configuration of ``dualfocus train``: model, data and optimiser dataclasses composed in ``TrainConfig``.
+
+The optimiser recipe lives here and only here; the DeepSpeed JSON (``deepspeed``) holds the ZeRO stage and
+precision, and ``train/loop.py`` fills batch size, accumulation and clipping into it from this config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ConnectorConfig:
+    """The trainable connector: semantic stream + time embedding + Focus Feature Projector."""
+
+    ffp_blocks: int = 2
+    """Fusion blocks in the FFP (paper: 2)."""
+    ffp_heads: int = 8
+    """Attention heads in the FFP (paper: 8); must divide the LLM width."""
+    ffp_dropout: float = 0.0
+    """Dropout inside the FFP."""
+    time_positions: int = 1000
+    """Relative-time embedding table size (positions scaled to 0..time_positions-1)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.ffp_blocks < 1:
+            problems.append(f"ffp_blocks must be >= 1, got {self.ffp_blocks}")
+        if self.ffp_heads < 1:
+            problems.append(f"ffp_heads must be >= 1, got {self.ffp_heads}")
+        if not 0 <= self.ffp_dropout < 1:
+            problems.append(f"ffp_dropout must be within [0, 1), got {self.ffp_dropout}")
+        if self.time_positions < 2:
+            problems.append(f"time_positions must be >= 2, got {self.time_positions}")
+        return problems
+
+
+@dataclass
+class DataConfig:
+    """How samples are read from the feature store and batched."""
+
+    max_frames: int | None = 32
+    """Frames per video at train time (uniform subsampling); caps the 32 tokens/s growth."""
+    batch_size: int = 4
+    """Samples per micro-batch per process."""
+    num_workers: int = 1
+    """DataLoader worker processes reading the store while the model computes."""
+    max_answer_tokens: int = 256
+    """Longer answers are cut (the EOS is kept)."""
+    shuffle: bool = True
+    """Shuffle with a seeded permutation per epoch (reproducible, resumable)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.max_frames is not None and self.max_frames < 1:
+            problems.append(f"max_frames must be >= 1 or null, got {self.max_frames}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.max_answer_tokens < 1:
+            problems.append(f"max_answer_tokens must be >= 1, got {self.max_answer_tokens}")
+        return problems
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then a constant rate (the paper's recipe by default)."""
+
+    lr: float = 1e-5
+    """Peak learning rate (paper: 1e-5)."""
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    """AdamW betas (paper: 0.95, 0.999)."""
+    weight_decay: float = 0.005
+    """AdamW weight decay (paper: 0.005)."""
+    warmup_steps: int = 1000
+    """Linear warmup steps, then constant (paper: 1000)."""
+    grad_clip: float = 1.0
+    """Gradient norm clip (paper: 1.0); 0 disables."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            problems.append(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.grad_accum < 1:
+            problems.append(f"grad_accum must be >= 1, got {self.grad_accum}")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``dualfocus train`` needs; saved as RUN_DIR/train_config.yaml."""
+
+    store: str = ""
+    """Feature store written by `dualfocus extract`."""
+    annotations: str = ""
+    """Training QA: VideoInstruct JSON list or JSONL."""
+    model: str = ""
+    """Local InstructBLIP-layout model directory (Q-Former init, frozen LLM, tokenizers)."""
+    out: str = ""
+    """Run directory: checkpoints, metrics.jsonl, loss curve, final/ export."""
+    max_steps: int | None = None
+    """Optimiser steps to run; null = `epochs` full passes."""
+    epochs: float = 3.0
+    """Passes over the data when max_steps is null (paper: 3)."""
+    save_every: int = 500
+    """Checkpoint every N optimiser steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Step checkpoints kept on disk (oldest removed first)."""
+    log_every: int = 10
+    """Write a metrics.jsonl line every N steps."""
+    seed: int = 0
+    """Seed for data order, dropout and initialisation of new modules."""
+    llm_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype of the frozen LLM's weights."""
+    deepspeed: str = "configs/ds_zero2_bf16.json"
+    """DeepSpeed JSON (ZeRO stage, precision); a path, or a name under the package's configs/."""
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def check(self) -> list[str]:
+        problems = []
+        for name in ("store", "annotations", "model", "out"):
+            if not getattr(self, name):
+                problems.append(f"{name} is required")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            problems.append(f"epochs must be > 0, got {self.epochs}")
+        for name in ("save_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        return problems
+
+
+# Keys that may differ between a run and its --resume without changing what is being trained.
+RESUME_FREE_KEYS = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "data.num_workers", "out"}

@@ -1,0 +1,261 @@
+"""``run_train``: DeepSpeed training of the DualFocus connector on cached features, resumable exactly.
+
+Single process by default (a one-rank gloo/nccl group is set up here); under the ``deepspeed`` launcher
+or ``torchrun`` the same code runs data-parallel, each rank taking every ``world``-th batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dualfocus.train.config import RESUME_FREE_KEYS, TrainConfig
+
+
+@dataclass
+class TrainSummary:
+    """What a training run did; printed at the end."""
+
+    run_dir: str
+    steps: int
+    start_step: int
+    first_loss: float
+    last_loss: float
+    samples: int
+    seconds: float
+    data_wait_fraction: float
+    usable: str
+    export: str
+    loss_plot: str
+    stopped: str = ""
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_packaged(path: str) -> Path:
+    """A path as given, or else relative to the installed package (``configs/...`` works anywhere)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    packaged = Path(__file__).resolve().parent.parent / path
+    return packaged if packaged.exists() else p
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    """The DeepSpeed JSON with batch, accumulation and clipping filled in from the train config."""
+    from dualfocus.pipeline.errors import UserError
+
+    path = resolve_packaged(cfg.deepspeed)
+    if not path.is_file():
+        raise UserError(f"deepspeed config not found: {cfg.deepspeed}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise UserError(f"{path}: remove '{key}'; the optimiser and schedule come from the train config (optim.*)")
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds["gradient_accumulation_steps"] = cfg.optim.grad_accum
+    ds["train_batch_size"] = cfg.data.batch_size * cfg.optim.grad_accum * world
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world); sets up a one-process group when no launcher did."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def check_resume(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
+    """Refuse to mix runs: --resume needs the same config; a fresh run needs an empty run dir."""
+    import yaml
+
+    from dualfocus.pipeline.config import config_to_dict
+    from dualfocus.pipeline.errors import UserError
+    from dualfocus.train.checkpoint import latest_complete_tag
+
+    saved = run_dir / "train_config.yaml"
+    if not resume:
+        if latest_complete_tag(run_dir) is not None:
+            raise UserError(f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out")
+        return
+    if not saved.is_file() or latest_complete_tag(run_dir) is None:
+        raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
+    old = _flatten(yaml.safe_load(saved.read_text()))
+    new = _flatten(config_to_dict(cfg))
+    differing = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
+    if differing:
+        detail = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differing)
+        raise UserError(f"--resume: {run_dir} was trained with a different config: {detail}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def warmup_then_constant(warmup_steps: int):
+    """LR multiplier: linear from 1/warmup to 1 over ``warmup_steps`` steps, then 1."""
+    return lambda step: 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainSummary:
+    """Train the connector; see the module docstring and ``train/checkpoint.py`` for the run layout."""
+    import deepspeed
+
+    from dualfocus.pipeline.config import save_config
+    from dualfocus.pipeline.errors import UserError
+    from dualfocus.pipeline.progress import step_progress
+    from dualfocus.train import checkpoint as ckpt
+    from dualfocus.train.data import FeatureQADataset, collate
+    from dualfocus.train.model import build_dualfocus
+    from dualfocus.train.plot import plot_loss
+    from dualfocus.train.prepare import prepare_samples
+    from dualfocus.train.sampler import ResumableBatches
+
+    run_dir = Path(cfg.out)
+    check_resume(cfg, run_dir, resume)
+    prepared = prepare_samples(cfg.store, cfg.annotations, cfg.model, with_answers=True,
+                               max_answer_tokens=cfg.data.max_answer_tokens)
+    rank, world = init_distributed()
+    is_main = rank == 0
+    if is_main:
+        save_config(cfg, run_dir / "train_config.yaml")
+
+    torch.manual_seed(cfg.seed)
+    model = build_dualfocus(cfg.model, cfg.connector, llm_dtype=cfg.llm_dtype, seed=cfg.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(cfg.optim.warmup_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world), model_parameters=trainable)
+
+    batches = ResumableBatches(len(prepared.samples), cfg.data.batch_size, cfg.seed, cfg.data.shuffle, rank, world)
+    per_epoch = batches.batches_per_epoch
+    micro_per_step = cfg.optim.grad_accum
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / micro_per_step))
+
+    start_step, consumed = 0, 0
+    if resume:
+        client = ckpt.load_checkpoint(engine, run_dir, ckpt.latest_complete_tag(run_dir))
+        start_step, consumed = client["step"], client["micro_batches"]
+    batches = ResumableBatches(len(prepared.samples), cfg.data.batch_size, cfg.seed, cfg.data.shuffle, rank, world,
+                               position=(consumed // per_epoch, consumed % per_epoch))
+    dataset = FeatureQADataset(cfg.store, prepared.samples, cfg.data.max_frames)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
+        collate_fn=lambda b: collate(b, prepared.qformer_pad_id), persistent_workers=cfg.data.num_workers > 0,
+        prefetch_factor=4 if cfg.data.num_workers > 0 else None)
+    data = iter(loader)
+
+    metrics_path = run_dir / "metrics.jsonl"
+    dtype = next(p for p in engine.module.parameters() if p.requires_grad).dtype
+    losses: list[tuple[int, float]] = []
+    first_loss = last_loss = float("nan")
+    waited = computed = 0.0
+    samples_seen = 0
+    stopped = ""
+    step = start_step
+    t0 = time.perf_counter()
+    engine.train()
+    with step_progress(total_steps, start_step, enabled=progress and is_main) as advance, \
+            open(metrics_path, "a") if is_main else open(os.devnull, "w") as metrics:
+        while step < total_steps:
+            step_loss = 0.0
+            for _ in range(micro_per_step):
+                t_wait = time.perf_counter()
+                batch = next(data)
+                t_ready = time.perf_counter()
+                waited += t_ready - t_wait
+                batch = _to_device(batch, engine.device, dtype)
+                loss = engine(batch)
+                engine.backward(loss)
+                engine.step()
+                computed += time.perf_counter() - t_ready
+                step_loss += float(loss.detach()) / micro_per_step
+                samples_seen += len(batch["samples"])
+                consumed += 1
+            if not math.isfinite(step_loss):
+                last = ckpt.latest_complete_tag(run_dir)
+                stopped = (f"loss became {step_loss} at step {step + 1}; stopped without saving. "
+                           f"Last good checkpoint: {last or 'none'}")
+                break
+            step += 1
+            if math.isnan(first_loss):
+                first_loss = step_loss
+            last_loss = step_loss
+            losses.append((step, step_loss))
+            elapsed = time.perf_counter() - t0
+            if is_main and (step % cfg.log_every == 0 or step == total_steps):
+                metrics.write(json.dumps({"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+                                          "samples_per_s": round(samples_seen / elapsed, 3),
+                                          "data_wait_fraction": round(waited / max(waited + computed, 1e-9), 4),
+                                          "epoch": consumed // per_epoch}) + "\n")
+                metrics.flush()
+            advance(step_loss, samples_seen / elapsed)
+            if step % cfg.save_every == 0 or step == total_steps:
+                ckpt.save_checkpoint(engine, run_dir, step, {"step": step, "micro_batches": consumed},
+                                     cfg.keep_checkpoints)
+    seconds = time.perf_counter() - t0
+    export = plot = ""
+    if is_main and not stopped:
+        meta = export_meta(cfg, prepared.store_info, step)
+        export = str(ckpt.export_connector(engine.module, run_dir, meta))
+        plot = str(plot_loss(metrics_path, run_dir / "loss.png"))
+    if stopped and is_main:
+        raise UserError(stopped)
+    return TrainSummary(run_dir=str(run_dir), steps=step, start_step=start_step, first_loss=first_loss,
+                        last_loss=last_loss, samples=samples_seen, seconds=seconds,
+                        data_wait_fraction=waited / max(waited + computed, 1e-9), usable=prepared.report.line(),
+                        export=export, loss_plot=plot)
+
+
+def export_meta(cfg: TrainConfig, store_info: dict, step: int) -> dict:
+    """What generate/ask need to rebuild the model and check they are given matching inputs."""
+    from dataclasses import asdict
+
+    from dualfocus.pipeline.models import config_hash
+
+    return {"format_version": 1, "base_model": str(Path(cfg.model).resolve()), "base_model_hash": config_hash(cfg.model),
+            "store_fingerprint": store_info["fingerprint"], "connector": asdict(cfg.connector),
+            "llm_dtype": cfg.llm_dtype, "max_frames": cfg.data.max_frames, "step": step}
+
+
+def _to_device(batch: dict, device, dtype) -> dict:
+    out = dict(batch)
+    for key in ("semantic", "spatiotemporal"):
+        out[key] = batch[key].to(device=device, dtype=dtype, non_blocking=True)
+    for key in ("frame_mask", "qformer_ids", "qformer_mask"):
+        out[key] = batch[key].to(device, non_blocking=True)
+    return out
