@@ -153,6 +153,97 @@ def train(store: str = typer.Argument(..., help="Feature store written by `dualf
     print_train_summary(summary, _console())
 
 
+@app.command("generate")
+@friendly_errors
+def generate(store: str = typer.Argument(..., help="Feature store holding the questions' videos."),
+             questions: str = typer.Argument(..., help="test_q.json (video_name, question, question_id) or JSONL."),
+             overrides: Optional[list[str]] = OverridesArg,
+             checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-k", help="RUN_DIR/final export."),
+             out: Optional[str] = typer.Option(None, "--out", "-o", help="Predictions JSONL (resumed if present)."),
+             model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model dir (default: recorded)."),
+             config: Optional[Path] = ConfigOpt,
+             greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding [sampling.greedy]."),
+             batch_size: Optional[int] = typer.Option(None, help="Questions per batch [batch_size]."),
+             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
+    """Answer zero-shot QA questions from cached features with a trained connector."""
+    from dualfocus.evaluate.generate import GenerateConfig, run_generate
+    from dualfocus.pipeline.config import load_config
+
+    values = _given(store=store, questions=questions, checkpoint=checkpoint, out=out, model=model,
+                    batch_size=batch_size)
+    if greedy:
+        values["sampling.greedy"] = True
+    cfg = load_config(GenerateConfig, config, overrides or (), values)
+    s = run_generate(cfg, progress=not no_progress and sys.stdout.isatty())
+    console = _console()
+    console.print(f"questions: {s.total} | answered now {s.written} | already in {s.out} {s.skipped} | "
+                  f"without a usable video {len(s.missing)} | {s.seconds:.1f} s")
+    for m in s.missing[:20]:
+        console.print(f"  no video for question {m['question_id']} ({m['video']}): {m['reason']}", markup=False)
+    if len(s.missing) > 20:
+        console.print(f"  ... {len(s.missing) - 20} more in {Path(s.out).with_suffix('.missing.json')}")
+    console.print(f"predictions: {s.out}")
+
+
+@app.command("score")
+@friendly_errors
+def score(preds: str = typer.Argument(..., help="Predictions JSONL from `dualfocus generate`."),
+          answers: str = typer.Argument(..., help="test_a.json (answer, type, question_id) or JSONL."),
+          overrides: Optional[list[str]] = OverridesArg,
+          out: Optional[str] = typer.Option(None, "--out", "-o", help="JSON report (default: PREDS.score.json)."),
+          judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
+          judge_model: Optional[str] = typer.Option(None, help="Judge model name [judge.model]."),
+          config: Optional[Path] = ConfigOpt,
+          no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
+    """Exact-match accuracy always; the GPT-judge protocol too when --judge-url is given."""
+    from dualfocus.evaluate.score import ScoreConfig, format_report, run_score
+    from dualfocus.pipeline.config import load_config
+
+    cfg = load_config(ScoreConfig, config, overrides or (),
+                      _given(**{"judge.url": judge_url, "judge.model": judge_model}))
+    out_path = out or str(Path(preds).with_suffix(".score.json"))
+    report = run_score(preds, answers, out_path, cfg, progress=not no_progress and sys.stdout.isatty())
+    console = _console()
+    console.print(format_report(report))
+    console.print(f"report: {out_path}")
+
+
+@app.command("ask")
+@friendly_errors
+def ask(video: str = typer.Argument(..., help="A video file."),
+        question: str = typer.Argument(..., help="The question, quoted."),
+        overrides: Optional[list[str]] = OverridesArg,
+        checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-k", help="RUN_DIR/final export."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model dir (default: recorded)."),
+        greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding [sampling.greedy]."),
+        config: Optional[Path] = ConfigOpt):
+    """Answer one question about one video (decode, encode, connector, LLM in one process)."""
+    from dualfocus.evaluate.ask import AskConfig, run_ask
+    from dualfocus.pipeline.config import load_config
+
+    values = _given(checkpoint=checkpoint, model=model)
+    if greedy:
+        values["sampling.greedy"] = True
+    cfg = load_config(AskConfig, config, overrides or (), values)
+    typer.echo(run_ask(video, question, cfg))
+
+
+@app.command("demo")
+@friendly_errors
+def demo(dir: str = typer.Argument("dualfocus-demo", help="Working directory for every stage's output."),
+         overrides: Optional[list[str]] = OverridesArg,
+         videos: Optional[int] = typer.Option(None, help="Toy clips to render [videos]."),
+         max_steps: Optional[int] = typer.Option(None, help="Training steps [max_steps]."),
+         config: Optional[Path] = ConfigOpt,
+         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars.")):
+    """Toy corpus -> tiny model -> extract -> train -> generate -> score, in one command."""
+    from dualfocus.pipeline.config import load_config
+    from dualfocus.pipeline.demo import DemoConfig, run_demo
+
+    cfg = load_config(DemoConfig, config, overrides or (), _given(dir=dir, videos=videos, max_steps=max_steps))
+    run_demo(cfg, _console(), progress=not no_progress and sys.stdout.isatty())
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

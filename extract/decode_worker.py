@@ -205,6 +205,7 @@ class DecodeWorker:
 
 def _child_main(conn) -> None:
     """Serve decode requests until told to exit or the parent goes away."""
+    _quiet_native_logs()
     conn.send(("ready",))
     while True:
         try:
@@ -217,6 +218,17 @@ def _child_main(conn) -> None:
             if not _serve(conn, msg[1], msg[2]):
                 return
         # a "cancel" for a job that already finished needs nothing
+
+
+def _quiet_native_logs() -> None:
+    """FFmpeg and decord print their own complaints about broken files straight to fd 2; every
+    failure already comes back as a DecodeError with its reason (and lands in the manifest), so the
+    child's native stderr is silenced unless DUALFOCUS_DECODE_STDERR=1 asks to keep it for debugging."""
+    if os.environ.get("DUALFOCUS_DECODE_STDERR") == "1":
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def _serve(conn, job: int, kwargs: dict) -> bool:

@@ -60,6 +60,30 @@ def encoder_fingerprint(cfg: ExtractConfig) -> dict:
     }
 
 
+def check_vision_weights(model_dir: str) -> None:
+    """Fail before any work unless ``model_dir`` holds vision-tower weights (reads file headers only).
+
+    Without this a directory with a valid config.json but missing or broken weights would only fail
+    inside the Ray encoder actor, after the store was created, with a traceback.
+    """
+    from safetensors import safe_open
+
+    from dualfocus.pipeline.models import ModelLoadError, _weight_files
+
+    try:
+        files = _weight_files(Path(model_dir))
+        for file in set(files.values()):
+            with safe_open(str(file), framework="pt") as f:  # parses the header: catches a corrupt file
+                f.keys()
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a missing shard, a corrupt header, a bad index
+        raise ModelLoadError(f"{model_dir}: cannot read the model weights ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if not any(name.startswith("vision_model.") for name in files):
+        raise ModelLoadError(f"{model_dir} holds no vision tower weights (no tensor named vision_model.*)")
+
+
 def stream_shapes(model_dir: str) -> tuple[tuple[int, int], tuple[int, int]]:
     """Per-frame shapes of (semantic, spatiotemporal) for the model's vision tower."""
     from dualfocus.pipeline.models import load_config
@@ -124,11 +148,19 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
 
 
 def write_rows(rows, writer, summary: ExtractSummary, on_video=None) -> None:
-    """Feed chunk rows (in order) into the store writer; one manifest row per video."""
+    """Feed chunk rows (in order) into the store writer; one manifest row per video.
+
+    A video fails at its first error row; its later rows (e.g. the other chunks of an encoder batch
+    that failed as a whole) are dropped, so it never gets a second row or a partial ok row.
+    """
     current = None
+    failed = None  # id of the video that failed last
     for row in rows:
         vid = row["video_id"]
+        if vid == failed:
+            continue
         if row["error"]:
+            failed = vid
             if current == vid:
                 result = writer.abort_video(row["error"])
             else:
@@ -166,6 +198,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
 
     rows = read_corpus(cfg.corpus)                 # errors on duplicates / empty before any work
     fingerprint = encoder_fingerprint(cfg)         # errors on a bad model dir before any work
+    check_vision_weights(cfg.model)
     sem_shape, mot_shape = stream_shapes(cfg.model)
     summary = ExtractSummary(store=cfg.out, total=len(rows))
     start = time.perf_counter()

@@ -52,7 +52,9 @@ def read_corpus(source: str | Path) -> list[CorpusRow]:
 def _scan_directory(root: Path) -> list[CorpusRow]:
     """Recursive scan; the id is the path relative to ``root`` without its extension."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
-    return [CorpusRow(video_id=p.relative_to(root).with_suffix("").as_posix(), path=str(p)) for p in files]
+    # absolute paths: the decoding workers may run in another directory (or on another node)
+    return [CorpusRow(video_id=p.relative_to(root).with_suffix("").as_posix(), path=str(p.absolute()))
+            for p in files]
 
 
 def _read_table(path: Path) -> list[CorpusRow]:
@@ -64,7 +66,7 @@ def _read_table(path: Path) -> list[CorpusRow]:
     elif suffix == ".csv":
         import csv
 
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # tolerate the BOM spreadsheets write
             records = list(csv.DictReader(f))
     else:
         records = []
@@ -82,6 +84,6 @@ def _read_table(path: Path) -> list[CorpusRow]:
             raise CorpusError(f"{path}: row {i + 1} has no {' or '.join(missing)} (columns needed: video_id, path)")
         video_path = Path(str(rec["path"]))
         if not video_path.is_absolute():
-            video_path = path.parent / video_path  # relative paths are relative to the table file
+            video_path = path.absolute().parent / video_path  # relative to the table file
         rows.append(CorpusRow(video_id=str(rec["video_id"]), path=str(video_path)))
     return rows

@@ -45,3 +45,17 @@ def step_progress(total: int, start: int = 0, enabled: bool = True, label: str =
     with Progress(*columns) as bar:
         task = bar.add_task(label, total=total, completed=start, info="")
         yield lambda loss, sps: bar.update(task, advance=1, info=f"loss {loss:.4f} | {sps:.1f} samples/s")
+
+
+@contextlib.contextmanager
+def count_progress(total: int, label: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)`` for a plain count of items (questions answered, items judged)."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn()) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n=1: bar.update(task, advance=n)

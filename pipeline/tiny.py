@@ -64,8 +64,8 @@ class TinyModelConfig:
     """LLM decoder layers."""
     llm_init_std: float = 0.2
     """Init std of the random LLM; 0.02 gives logits too flat to be steered by the connector."""
-    vocab_size: int = 600
-    """Target vocabulary size of each locally trained tokenizer."""
+    vocab_size: int = 1200
+    """Target vocabulary size of each locally trained tokenizer (big enough for one token per word)."""
     seed: int = 0
     """Seed for the random weights."""
 
@@ -91,7 +91,10 @@ def _train_llm_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIAL_LLM,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_TRAINING_TEXT.splitlines(), trainer=trainer)
+    # Each line is fed with and without a leading space so every word becomes one token both at the
+    # start of a text and after a space (" red" -> "Ġred", as a real LLM vocabulary would have it).
+    lines = _TRAINING_TEXT.splitlines()
+    tok.train_from_iterator(lines + [" " + line for line in lines], trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",

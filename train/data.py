@@ -36,6 +36,8 @@ class JoinReport:
     missing_video: int = 0
     failed_video: int = 0
     examples: list[str] = field(default_factory=list)
+    missing: list[dict] = field(default_factory=list)
+    """Every unusable entry: ``{"question_id", "video", "reason"}``."""
 
     def line(self) -> str:
         return (f"annotations: {self.total} | usable {self.usable} | video not in store {self.missing_video} | "
@@ -55,8 +57,12 @@ def join_with_store(items: list[QAItem], store) -> tuple[list[QAItem], JoinRepor
             report.missing_video += 1
             if len(report.examples) < 5:
                 report.examples.append(item.video_id)
+            report.missing.append({"question_id": item.question_id, "video": item.video_id,
+                                   "reason": "video not in store"})
         elif status[vid] != "ok":
             report.failed_video += 1
+            report.missing.append({"question_id": item.question_id, "video": item.video_id,
+                                   "reason": "video failed at extract"})
         else:
             kept.append(QAItem(video_id=vid, question=item.question, answer=item.answer, question_id=item.question_id))
     report.usable = len(kept)

@@ -15,8 +15,11 @@ may attend to a key column, which is also what `F.scaled_dot_product_attention` 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import nn
 
 
@@ -82,13 +85,23 @@ class MaskedAttention(nn.Module):
         # Rows with nothing to attend to get every key so the softmax stays finite on every kernel
         # (some SDPA backends and older torch give NaN for an all-False row); zeroed below.
         safe = allowed | ~has_key
-        out = F.scaled_dot_product_attention(
+        # On CPU the plain softmax(QK^T)V kernel is ~1.6x faster than the fused one for these small head
+        # widths with a boolean mask (forward + backward, measured with the tiny model); GPUs keep the default.
+        kernel = sdpa_kernel([SDPBackend.MATH]) if query.device.type == "cpu" else contextlib.nullcontext()
+        with kernel:
+            out = self._attend(query, key_value, safe)
+        return self._finish(out, has_key)
+
+    def _attend(self, query: torch.Tensor, key_value: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
             self._heads(self.q_proj(query)),
             self._heads(self.k_proj(key_value)),
             self._heads(self.v_proj(key_value)),
             attn_mask=safe[:, None],  # [b, 1, L_q, L_k], broadcast over heads
             dropout_p=self.dropout if self.training else 0.0,
-        )
+        )  # [b, h, L_q, d/h]
+
+    def _finish(self, out: torch.Tensor, has_key: torch.Tensor) -> torch.Tensor:
         b, _, n_q, _ = out.shape
         out = self.out_proj(out.transpose(1, 2).reshape(b, n_q, -1))  # [b, L_q, d]
         return out.masked_fill(~has_key, 0.0)

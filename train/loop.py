@@ -6,6 +6,7 @@ or ``torchrun`` the same code runs data-parallel, each rank taking every ``world
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -131,8 +132,6 @@ def warmup_then_constant(warmup_steps: int):
 
 def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainSummary:
     """Train the connector; see the module docstring and ``train/checkpoint.py`` for the run layout."""
-    import deepspeed
-
     from dualfocus.pipeline.config import save_config
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.progress import step_progress
@@ -158,6 +157,8 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(cfg.optim.warmup_steps))
+    import deepspeed  # imported only once the inputs are known good: its import logs to stderr
+
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world), model_parameters=trainable)
 
@@ -173,10 +174,13 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     batches = ResumableBatches(len(prepared.samples), cfg.data.batch_size, cfg.seed, cfg.data.shuffle, rank, world,
                                position=(consumed // per_epoch, consumed % per_epoch))
     dataset = FeatureQADataset(cfg.store, prepared.samples, cfg.data.max_frames)
+    # The loader gets its own generator: starting an iterator draws a worker seed, and drawing it from the
+    # global RNG would shift the dropout stream of a resumed run away from the uninterrupted one.
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
-        collate_fn=lambda b: collate(b, prepared.qformer_pad_id), persistent_workers=cfg.data.num_workers > 0,
-        prefetch_factor=4 if cfg.data.num_workers > 0 else None)
+        collate_fn=functools.partial(collate, qformer_pad_id=prepared.qformer_pad_id),
+        persistent_workers=cfg.data.num_workers > 0, prefetch_factor=4 if cfg.data.num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed))
     data = iter(loader)
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -190,9 +194,10 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     t0 = time.perf_counter()
     engine.train()
     with step_progress(total_steps, start_step, enabled=progress and is_main) as advance, \
-            open(metrics_path, "a") if is_main else open(os.devnull, "w") as metrics:
+            open(metrics_path, "a" if resume else "w") if is_main else open(os.devnull, "w") as metrics:
         while step < total_steps:
             step_loss = 0.0
+            lr = scheduler.get_last_lr()[0]  # the rate this step trains with (the scheduler moves on in step())
             for _ in range(micro_per_step):
                 t_wait = time.perf_counter()
                 batch = next(data)
@@ -218,7 +223,7 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
             losses.append((step, step_loss))
             elapsed = time.perf_counter() - t0
             if is_main and (step % cfg.log_every == 0 or step == total_steps):
-                metrics.write(json.dumps({"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+                metrics.write(json.dumps({"step": step, "loss": round(step_loss, 6), "lr": lr,
                                           "samples_per_s": round(samples_seen / elapsed, 3),
                                           "data_wait_fraction": round(waited / max(waited + computed, 1e-9), 4),
                                           "epoch": consumed // per_epoch}) + "\n")

@@ -1,0 +1,113 @@
+"""``run_generate``: answers for zero-shot QA questions from cached features, resumable.
+
+One JSON line per question: ``{"question_id", "video_id", "question", "pred"}``. Question ids already in
+the output file are skipped, so an interrupted run continues where it stopped. Questions whose video is
+not in the store (or failed there) are listed in the summary and in ``PREDS.missing.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dualfocus.evaluate.predictor import SamplingConfig
+
+
+@dataclass
+class GenerateConfig:
+    """Everything ``dualfocus generate`` needs; saved beside the predictions as PREDS.config.yaml."""
+
+    store: str = ""
+    """Feature store holding the questions' videos."""
+    questions: str = ""
+    """test_q.json (video_name, question, question_id) or JSONL with the same keys."""
+    checkpoint: str = ""
+    """RUN_DIR/final export written by `dualfocus train`."""
+    out: str = ""
+    """Predictions JSONL (appended to when it exists)."""
+    model: str | None = None
+    """Base model directory; null = the one recorded in the checkpoint."""
+    batch_size: int = 8
+    """Questions per generation batch."""
+    max_frames: int | None = None
+    """Frames per video; null = the value the connector was trained with."""
+    llm_dtype: str | None = None
+    """LLM dtype; null = the training one."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def check(self) -> list[str]:
+        problems = [f"{name} is required" for name in ("store", "questions", "checkpoint", "out") if not getattr(self, name)]
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_frames is not None and self.max_frames < 1:
+            problems.append(f"max_frames must be >= 1 or null, got {self.max_frames}")
+        return problems
+
+
+@dataclass
+class GenerateSummary:
+    """What a generate run did."""
+
+    out: str
+    total: int
+    written: int
+    skipped: int
+    missing: list[str]
+    seconds: float
+
+
+def done_question_ids(path: Path) -> set[str]:
+    """Question ids already answered in an existing predictions file (a torn last line is ignored)."""
+    done: set[str] = set()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                done.add(str(json.loads(line)["question_id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
+
+
+def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
+    """Answer every question of ``cfg.questions`` not yet in ``cfg.out``; see module docstring."""
+    from dualfocus.evaluate.predictor import Predictor, check_export_matches
+    from dualfocus.pipeline.config import save_config
+    from dualfocus.pipeline.progress import count_progress
+    from dualfocus.store import FeatureStore
+    from dualfocus.train.checkpoint import read_export
+    from dualfocus.train.data import FeatureQADataset, collate
+    from dualfocus.train.prepare import prepare_samples
+
+    start = time.perf_counter()
+    meta, _ = read_export(cfg.checkpoint)
+    store = FeatureStore.open(cfg.store)
+    model_dir = check_export_matches(meta, cfg.model, store.info["fingerprint"], cfg.checkpoint)
+    prepared = prepare_samples(cfg.store, cfg.questions, model_dir, with_answers=False)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out.with_suffix(".config.yaml"))
+    if prepared.report.missing:
+        out.with_suffix(".missing.json").write_text(json.dumps(prepared.report.missing, indent=2))
+
+    done = done_question_ids(out)
+    todo = [s for s in prepared.samples if s.question_id not in done]
+    summary = GenerateSummary(out=str(out), total=prepared.report.total, written=0,
+                              skipped=len(prepared.samples) - len(todo), missing=prepared.report.missing, seconds=0.0)
+    if todo:
+        predictor = Predictor(cfg.checkpoint, model_dir, llm_dtype=cfg.llm_dtype)
+        max_frames = cfg.max_frames if cfg.max_frames is not None else meta["max_frames"]
+        dataset = FeatureQADataset(cfg.store, todo, max_frames)
+        with open(out, "a") as f, count_progress(len(todo), "generate", enabled=progress) as advance:
+            for s in range(0, len(todo), cfg.batch_size):
+                batch = collate([dataset[i] for i in range(s, min(s + cfg.batch_size, len(todo)))],
+                                prepared.qformer_pad_id)
+                for sample, pred in zip(batch["samples"], predictor.answer(batch, cfg.sampling)):
+                    f.write(json.dumps({"question_id": sample.question_id, "video_id": sample.video_id,
+                                        "question": sample.question, "pred": pred}) + "\n")
+                f.flush()
+                summary.written += len(batch["samples"])
+                advance(len(batch["samples"]))
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,65 @@
+"""Shared fixtures: the tiny random model and a small toy corpus, built once per test session,
+and ``run_cli`` which runs the real ``dualfocus`` console script in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def dualfocus_command() -> list[str]:
+    """The installed console script next to this interpreter (falls back to ``python -m``)."""
+    script = Path(sys.executable).parent / "dualfocus"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dualfocus.cli"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``dualfocus ARGS`` and return the completed process (stdout/stderr as text)."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    proc = subprocess.run([*dualfocus_command(), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dualfocus {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random InstructBLIP-layout model directory (written by the library, as init-tiny does)."""
+    from dualfocus.pipeline.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def toy_corpus(tmp_path_factory) -> Path:
+    """A 12-clip toy corpus (videos/, train.json, test_q.json, test_a.json, corpus.csv)."""
+    from dualfocus.pipeline.toy import make_toy_corpus
+
+    out = tmp_path_factory.mktemp("toy") / "toy"
+    make_toy_corpus(out, n_videos=12, seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_store(tmp_path_factory, tiny_model, toy_corpus) -> Path:
+    """A zarr feature store of the toy corpus, made by the real extract stage (in-process, local Ray)."""
+    from dualfocus.extract.config import ExtractConfig
+    from dualfocus.extract.run import run_extract
+    from dualfocus.pipeline.config import load_config
+
+    out = tmp_path_factory.mktemp("store") / "store"
+    cfg = load_config(ExtractConfig, values={"corpus": str(toy_corpus / "videos"), "model": str(tiny_model),
+                                             "out": str(out)})
+    summary = run_extract(cfg, progress=False)
+    assert summary.ok == 12 and summary.failed == 0
+    return out
