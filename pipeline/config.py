@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import textwrap
 import types
@@ -96,7 +97,7 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]):
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            close = [name for name in fields if name.startswith(key[:3])]
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
             problems.append(f"unknown config key {dotted!r}{hint}")
             continue
@@ -153,6 +154,11 @@ def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return False, value
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
