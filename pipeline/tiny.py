@@ -137,7 +137,8 @@ def write_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
     heads = max(1, cfg.vision_width // 16)
     vision = InstructBlipVisionConfig(
         hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width, num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=heads, image_size=cfg.image_size, patch_size=cfg.patch_size)
+        num_attention_heads=heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        initializer_range=0.02)  # the class default (1e-10) leaves a random tower with all-zero features
     qformer = InstructBlipQFormerConfig(
         hidden_size=cfg.qformer_width, intermediate_size=4 * cfg.qformer_width, num_hidden_layers=cfg.qformer_layers,
         num_attention_heads=max(1, cfg.qformer_width // 16), vocab_size=len(q_tok), cross_attention_frequency=2,

@@ -1,0 +1,170 @@
+"""Reading training samples: QA files, the join with the store, the dataset, collation and the DataLoader."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dualfocus.pipeline.errors import UserError
+from dualfocus.pipeline.qa import QAItem, read_training_qa
+from dualfocus.train.data import (FeatureQADataset, check_store_matches_model, collate, join_with_store,
+                                  subsample_indices)
+from dualfocus.train.sampler import ResumableBatches
+
+
+# ---------------------------------------------------------------- frame subsampling
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 31, 100])
+@pytest.mark.parametrize("cap", [1, 4, 8, None])
+def test_subsample_keeps_all_frames_or_exactly_the_cap_spread_over_the_clip(n, cap):
+    idx = subsample_indices(n, cap)
+    if cap is None or n <= cap:
+        assert idx.tolist() == list(range(n))
+        return
+    assert len(idx) == cap and (np.diff(idx) > 0).all() and idx[0] == 0
+    if cap > 1:
+        assert idx[-1] == n - 1
+        gaps = np.diff(idx)
+        assert gaps.max() - gaps.min() <= 1  # uniform up to rounding
+
+
+# ---------------------------------------------------------------- QA files
+def test_training_qa_reads_videoinstruct_json_and_jsonl(tmp_path):
+    listed = tmp_path / "a.json"
+    listed.write_text(json.dumps([{"video_id": "v1", "q": "Q1?", "a": "A1"},
+                                  {"video_id": "v2", "q": "Q2?", "a": "A2"}]))
+    lines = tmp_path / "b.jsonl"
+    lines.write_text('{"video_id": "v1", "question": "Q1?", "answer": "A1"}\n\n'
+                     '{"video_id": "v2", "question": "Q2?", "answer": "A2"}\n')
+    expected = [QAItem("v1", "Q1?", "A1"), QAItem("v2", "Q2?", "A2")]
+    assert read_training_qa(listed) == expected
+    assert read_training_qa(lines) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"empty"),
+    ("  \n", r"empty"),
+    ("[]", r"no question-answer pairs"),
+    ('[{"video_id": "v1", "q": "Q?", "a": "A"},\n {"video_id": "v2", "q": "Q?" "a": "A"}]',
+     r"bad\.json: malformed JSON at line 2, column 31"),
+    ('{"video_id": "v1", "question": "Q?", "answer": "A"}\n{"video_id": "v2", "question": \n',
+     r"bad\.json: malformed JSON at line 2"),
+    ('[{"video_id": "v1", "q": "Q?"}]', r"record 1 has no a / answer"),
+    ('[["v1", "Q?", "A"]]', r"record 1 is not a JSON object"),
+])
+def test_bad_qa_files_are_refused_naming_file_and_place(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        read_training_qa(path)
+
+
+# ---------------------------------------------------------------- join with the store
+def test_join_keeps_ok_videos_and_counts_missing_and_failed_ones():
+    manifest = pd.DataFrame({"video_id": ["clip_a", "clip_b", "v_clip_c"], "status": ["ok", "failed", "ok"]})
+    items = [QAItem("clip_a", "q", "a", "1"), QAItem("clip_a.mp4", "q", "a", "2"), QAItem("clip_c", "q", "a", "3"),
+             QAItem("clip_b", "q", "a", "4"), QAItem("clip_z", "q", "a", "5"), QAItem("clip_y", "q", "a", "6")]
+    kept, report = join_with_store(items, SimpleNamespace(manifest=manifest))
+    # names are matched leniently (extension, v_ prefix) and rewritten to the store's id
+    assert [(i.video_id, i.question_id) for i in kept] == [("clip_a", "1"), ("clip_a", "2"), ("v_clip_c", "3")]
+    assert (report.total, report.usable, report.missing_video, report.failed_video) == (6, 3, 2, 1)
+    assert report.line() == "annotations: 6 | usable 3 | video not in store 2 | video failed at extract 1"
+    assert report.examples == ["clip_z", "clip_y"]
+    assert [(m["question_id"], m["reason"]) for m in report.missing] == [
+        ("4", "video failed at extract"), ("5", "video not in store"), ("6", "video not in store")]
+
+
+@pytest.mark.parametrize("semantic, motion, named", [
+    ([257, 32], [64, 32], "[257, 32] / spatiotemporal [64, 32]"),     # another vision width
+    ([197, 64], [49, 64], "[197, 64] / spatiotemporal [49, 64]"),     # another token count (16 px patches)
+])
+def test_store_from_another_vision_tower_is_refused_naming_both(tiny_model, semantic, motion, named):
+    with pytest.raises(UserError) as err:
+        check_store_matches_model({"semantic_shape": semantic, "spatiotemporal_shape": motion}, str(tiny_model))
+    message = str(err.value)
+    assert named in message and "expects [257, 64] / [64, 64]" in message and str(tiny_model) in message
+    check_store_matches_model({"semantic_shape": [257, 64], "spatiotemporal_shape": [64, 64]}, str(tiny_model))
+
+
+# ---------------------------------------------------------------- dataset, collation, loader
+@pytest.fixture(scope="module")
+def prepared(toy_store, toy_corpus, tiny_model):
+    from dualfocus.train.prepare import prepare_samples
+
+    return prepare_samples(str(toy_store), str(toy_corpus / "train.json"), str(tiny_model), with_answers=True)
+
+
+def test_prepare_uses_every_toy_annotation(prepared, toy_corpus):
+    n = len(json.loads((toy_corpus / "train.json").read_text()))
+    assert len(prepared.samples) == n and prepared.report.usable == n
+    assert all(s.n_frames >= 1 and s.text_labels for s in prepared.samples)
+
+
+def test_stored_features_carry_the_video(toy_store):
+    """What training reads must depend on the frames, or no connector can learn the toy corpus."""
+    from dualfocus.store import FeatureStore
+
+    store = FeatureStore.open(toy_store)
+    a, b = (store.read(v) for v in store.video_ids()[:2])
+    for f in (a, b):
+        assert np.abs(f.spatiotemporal.astype(np.float32)).max() > 1e-3
+        assert f.semantic.astype(np.float32).std() > 1e-2  # post-layernorm output: about unit scale
+    assert np.abs(a.semantic[0].astype(np.float32) - b.semantic[0].astype(np.float32)).mean() > 1e-3
+
+
+def test_dataset_reads_the_stored_frames_subsampled(prepared, toy_store):
+    from dualfocus.store import FeatureStore
+
+    store = FeatureStore.open(toy_store)
+    dataset = FeatureQADataset(str(toy_store), prepared.samples, max_frames=3)
+    long = next(i for i, s in enumerate(prepared.samples) if s.n_frames == 5)
+    x = dataset[long]
+    assert x["index"] == long and x["sample"] is prepared.samples[long]
+    assert x["semantic"].shape == (3, 257, 64) and x["spatiotemporal"].shape == (3, 64, 64)
+    assert x["semantic"].dtype == torch.float32
+    whole = store.read(prepared.samples[long].video_id)
+    np.testing.assert_array_equal(x["semantic"].numpy(), whole.semantic[[0, 2, 4]].astype(np.float32))
+    np.testing.assert_array_equal(x["spatiotemporal"].numpy(), whole.spatiotemporal[[0, 2, 4]].astype(np.float32))
+    assert FeatureQADataset(str(toy_store), prepared.samples, max_frames=None)[long]["semantic"].shape[0] == 5
+
+
+def test_collate_pads_frames_and_question_ids(prepared, toy_store):
+    dataset = FeatureQADataset(str(toy_store), prepared.samples, max_frames=None)
+    frames = [s.n_frames for s in prepared.samples]
+    picks = [frames.index(3), frames.index(5), frames.index(4)]
+    items = [dataset[i] for i in picks]
+    batch = collate(items, qformer_pad_id=prepared.qformer_pad_id)
+    assert batch["semantic"].shape == (3, 5, 257, 64) and batch["spatiotemporal"].shape == (3, 5, 64, 64)
+    assert batch["frame_mask"].tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] * 4 + [False]]
+    for row, x in enumerate(items):
+        t = x["semantic"].shape[0]
+        assert batch["semantic"][row, :t].equal(x["semantic"]) and (batch["semantic"][row, t:] == 0).all()
+        ids = x["sample"].qformer_ids
+        assert batch["qformer_ids"][row, :len(ids)].tolist() == ids
+        assert (batch["qformer_ids"][row, len(ids):] == prepared.qformer_pad_id).all()
+        assert batch["qformer_mask"][row].tolist() == [1] * len(ids) + [0] * (batch["qformer_ids"].shape[1] - len(ids))
+        assert batch["text_labels"][row] == x["sample"].text_labels
+    assert batch["indices"] == picks
+
+
+def test_dataloader_with_a_worker_gives_the_same_batches(prepared, toy_store):
+    from functools import partial
+
+    dataset = FeatureQADataset(str(toy_store), prepared.samples, max_frames=4)
+    collate_fn = partial(collate, qformer_pad_id=prepared.qformer_pad_id)
+
+    def first_batches(workers: int) -> list[dict]:
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=ResumableBatches(len(dataset), 4, seed=5),
+                                             num_workers=workers, collate_fn=collate_fn)
+        it = iter(loader)
+        return [next(it) for _ in range(3)]
+
+    inline, worker = first_batches(0), first_batches(1)
+    for a, b in zip(inline, worker):
+        assert a["indices"] == b["indices"]
+        for key in ("semantic", "spatiotemporal", "frame_mask", "qformer_ids", "qformer_mask"):
+            assert a[key].equal(b[key])
