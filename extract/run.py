@@ -68,10 +68,10 @@ def check_vision_weights(model_dir: str) -> None:
     """
     from safetensors import safe_open
 
-    from dualfocus.pipeline.models import ModelLoadError, _weight_files
+    from dualfocus.pipeline.models import ModelLoadError, weight_files
 
     try:
-        files = _weight_files(Path(model_dir))
+        files = weight_files(Path(model_dir))
         for file in set(files.values()):
             with safe_open(str(file), framework="pt") as f:  # parses the header: catches a corrupt file
                 f.keys()
@@ -122,6 +122,16 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     size = load_image_spec(cfg.model).size
+    # Memory is bounded by batches, not by video length. Blocks: about one chunk each (Ray's default of
+    # 128 MiB would let a long video pile up in the decoding actor and travel as one object). Buffering:
+    # decoding is far faster than a CPU encoder and would otherwise run ahead through a whole video, so
+    # the object store budget of the pipeline is capped at a few encoder batches (in and out) per
+    # encoder actor, and each encoder actor holds at most 2 batches (one running, one queued).
+    (p1, d), (m, _) = stream_shapes(cfg.model)
+    frame_bytes = size * size * 3 + (p1 + m) * d * (4 if cfg.store.dtype == "float32" else 2)
+    ctx.target_max_block_size = cfg.decode.chunk_frames * size * size * 3
+    budget = max(32 * 2**20, 4 * cfg.encoder.batch_frames * frame_bytes * cfg.ray.encoder_actors)
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
     rows_per_batch = max(1, cfg.encoder.batch_frames // cfg.decode.chunk_frames)
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 200)))
     ds = ds.flat_map(
@@ -140,7 +150,7 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
                                    threads=cfg.encoder.threads),
         batch_size=rows_per_batch,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=cfg.ray.encoder_actors),
+        compute=ActorPoolStrategy(size=cfg.ray.encoder_actors, max_tasks_in_flight_per_actor=2),
         num_cpus=cfg.ray.encoder_cpus,
         num_gpus=cfg.ray.gpus_per_actor,
     )

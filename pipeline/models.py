@@ -73,7 +73,7 @@ def config_hash(path: str | Path) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _weight_files(path: Path) -> dict[str, Path]:
+def weight_files(path: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -93,7 +93,7 @@ def load_weights(path: str | Path, prefix: str) -> dict:
     from safetensors import safe_open
 
     path = _model_dir(path)
-    files = _weight_files(path)
+    files = weight_files(path)
     wanted: dict[Path, list[str]] = {}
     for name, file in files.items():
         if name.startswith(prefix):

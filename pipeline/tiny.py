@@ -118,6 +118,26 @@ def _train_qformer_tokenizer(vocab_size: int):
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
 
 
+_POSITION_SCALE = 0.7  # sin/cos values have std ~0.71, so positions end up at std ~0.5 like the patch embeddings
+
+
+def _sincos_2d(grid: int, dim: int):
+    """Fixed 2-D sin-cos position embedding ``[grid*grid, dim]`` (raster order): half the channels encode
+    the row, half the column, each as sines and cosines at geometrically spaced frequencies."""
+    import torch
+
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1)))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angles = coord[:, None] * freqs[None, :]  # [g*g, quarter]
+        parts += [angles.sin(), angles.cos()]
+    emb = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(emb, (0, dim - emb.shape[1]))
+
+
 def write_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) -> Path:
     """Write a random InstructBLIP-layout model to ``out_dir`` and return the path."""
     import torch
@@ -156,6 +176,13 @@ def write_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
     model = InstructBlipForConditionalGeneration(config)
     with torch.no_grad():  # InstructBLIP starts its queries at zero; random ones make the tiny Q-Former non-trivial
         model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
+        # A pretrained ViT encodes where each patch is; a random one at std 0.02 barely does (its position
+        # signal is ~25x weaker than the patch content), which hides shape and motion from any connector.
+        # Smooth 2-D sin-cos positions at the scale of the patch embeddings make the tiny tower honest.
+        pos = model.vision_model.embeddings.position_embedding  # [1, 1 + g*g, d]
+        grid = cfg.image_size // cfg.patch_size
+        pos[0, 1:] = _sincos_2d(grid, cfg.vision_width) * _POSITION_SCALE
+        pos[0, :1].normal_(0.0, 0.5)
     model.save_pretrained(out)
     llm_tok.save_pretrained(out)
     q_tok.save_pretrained(out / "qformer_tokenizer")

@@ -135,8 +135,8 @@ class StoreWriter:
             differences = layout.describe_mismatch(existing, wanted)
             if differences:
                 raise StoreMismatchError(
-                    f"{self.root} holds a store written with other settings (pass overwrite=True to "
-                    "replace it):\n  " + "\n  ".join(differences))
+                    f"{self.root} holds a store written with other settings: " + "; ".join(differences)
+                    + " (rerun with --overwrite, or overwrite=True, to replace it)")
             return existing
         info = {**wanted, "created": layout.now_iso()}
         layout.write_json_atomic(self.root / layout.STORE_JSON, info)

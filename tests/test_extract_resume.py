@@ -1,0 +1,123 @@
+"""A hard-killed ``dualfocus extract`` resumes: rerunning the same command stores every video exactly once."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import dualfocus_command, run_cli
+
+from dualfocus.extract.decode_worker import HANG_ENV
+from dualfocus.store import FeatureStore
+from dualfocus.store.manifest import latest, read_all
+
+N_VIDEOS = 30
+PER_SHARD = 4
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes of session ``sid`` (the killed command and what it started, Ray workers included)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state, ppid, pgrp, session, ...
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the command's process group, then whatever else it started in its session (Ray gives its
+    workers their own process groups)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for pid in session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def store_state(store: Path) -> tuple[list[str], list[str]]:
+    """(committed manifest parts, uncommitted entries as the writer names them when it removes them:
+    temp shards, shards without a part, temp parts under manifest/)."""
+    manifest = store / "manifest"
+    parts = sorted(p.name for p in manifest.glob("part-*.parquet")) if manifest.is_dir() else []
+    indices = {p[len("part-"):-len(".parquet")] for p in parts}
+    shards = [p.name for p in store.glob("shard-*")] if store.is_dir() else []
+    garbage = [s for s in shards if ".tmp-" in s or s[len("shard-"):len("shard-") + 6] not in indices]
+    if manifest.is_dir():
+        garbage += [f"manifest/{p.name}" for p in manifest.glob("part-*.tmp-*")]
+    return parts, sorted(garbage)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from dualfocus.pipeline.toy import make_toy_corpus
+
+    root = tmp_path_factory.mktemp("resume") / "toy"
+    make_toy_corpus(root, n_videos=N_VIDEOS, seed=11)
+    return root / "videos"
+
+
+def test_hard_kill_then_rerun_stores_every_video_exactly_once(corpus, tiny_model, tmp_path):
+    store = tmp_path / "store"
+    args = ["extract", str(corpus), "--model", str(tiny_model), "--out", str(store), "--no-progress",
+            f"store.videos_per_shard={PER_SHARD}"]
+    # The test hook makes the last video hang in the first run, so that run cannot finish before the kill
+    # however fast the machine is; the rerun has no hook.
+    env = {**os.environ, HANG_ENV: f"toy_{N_VIDEOS - 1:05d}"}
+    first = subprocess.Popen([*dualfocus_command(), *args], env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None:
+            parts, garbage = store_state(store)
+            if parts and garbage:  # at least one batch committed and the next one half-written
+                break
+            time.sleep(0.02)
+        assert first.poll() is None, f"first run ended before the kill:\n{first.stdout.read()}"
+        assert parts and garbage, "no committed manifest part within the deadline"
+    finally:
+        kill_session(first)
+
+    parts, garbage = store_state(store)
+    committed = latest(read_all(store))
+    assert len(committed) == PER_SHARD * len(parts) < N_VIDEOS
+    assert (committed["status"] == "ok").all()
+
+    second = run_cli(*args, timeout=600)
+    out = second.stdout
+    assert garbage, out
+    assert f"removed {len(garbage)} uncommitted shard(s) from an interrupted run: {', '.join(garbage)}" in out, out
+    assert (f"videos: {N_VIDEOS} in corpus | ok {N_VIDEOS - len(committed)} | failed 0 | "
+            f"skipped {len(committed)}") in out, out
+
+    rows = read_all(store)
+    assert sorted(rows["video_id"]) == [f"toy_{i:05d}" for i in range(N_VIDEOS)]  # each exactly once
+    assert (rows["status"] == "ok").all()
+    assert not [p for p in store.rglob("*") if ".tmp-" in p.name]
+    assert store_state(store)[1] == []
+    n_shards = -(-N_VIDEOS // PER_SHARD)
+    assert sorted(p.name for p in store.glob("shard-*")) == [f"shard-{i:06d}.zarr" for i in range(n_shards)]
+
+    features = FeatureStore.open(store)
+    assert len(features) == N_VIDEOS
+    frames = 0
+    for video in features.iter_videos():
+        n = len(video.timestamps)
+        np.testing.assert_array_equal(video.timestamps, np.arange(n, dtype=np.float32))
+        assert video.semantic.shape == (n, 257, 64) and video.spatiotemporal.shape == (n, 64, 64)
+        frames += n
+    assert frames == int(rows["length"].sum())
+    assert int(re.search(r"frames: (\d+) in", out).group(1)) == frames - int(committed["length"].sum())
