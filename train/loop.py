@@ -75,6 +75,8 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
 
 def init_distributed() -> tuple[int, int]:
     """(rank, world); sets up a one-process group when no launcher did."""
+    if not torch.cuda.is_available():  # say so up front instead of DeepSpeed warning that it fell back to CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch.distributed as dist
 
