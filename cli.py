@@ -43,6 +43,17 @@ def friendly_errors(fn):
     return wrapper
 
 
+def _keys_epilog(module: str, name: str) -> str:
+    """Help text listing every dotted config key of a stage with its default and doc line."""
+    import importlib
+
+    from dualfocus.pipeline.config import describe_keys
+
+    rows = describe_keys(getattr(importlib.import_module(module), name))
+    lines = [f"{key} = {default}  {doc}" for key, default, doc in rows]
+    return "Config keys (YAML or key=value):\n\n" + "\n\n".join(lines)
+
+
 def _given(**flags: Any) -> dict[str, Any]:
     """Flags the user actually passed (None means 'not given')."""
     return {k: v for k, v in flags.items() if v is not None}
@@ -71,7 +82,7 @@ def toy_corpus(out_dir: Path = typer.Argument(..., help="Directory for videos/, 
     typer.echo(f"toy corpus written to {out_dir}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
 
-@app.command("extract")
+@app.command("extract", epilog=_keys_epilog("dualfocus.extract.config", "ExtractConfig"))
 @friendly_errors
 def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/JSONL/Parquet with video_id, path."),
             overrides: Optional[list[str]] = OverridesArg,
@@ -130,7 +141,7 @@ def inspect_store(store: str = typer.Argument(..., help="Feature store directory
         print_summary(info, _console())
 
 
-@app.command("train")
+@app.command("train", epilog=_keys_epilog("dualfocus.train.config", "TrainConfig"))
 @friendly_errors
 def train(store: str = typer.Argument(..., help="Feature store written by `dualfocus extract`."),
           annotations: str = typer.Argument(..., help="Training QA: VideoInstruct JSON or JSONL."),
