@@ -22,6 +22,9 @@ class ConnectorConfig:
     """Dropout inside the FFP."""
     time_positions: int = 1000
     """Relative-time embedding table size (positions scaled to 0..time_positions-1)."""
+    gate_init: float = 0.0
+    """Initial value of each FFP fusion gate. The paper's 0 makes the connector start as mlp_s(semantic);
+    on a short CPU budget that keeps the fusion path (shape, direction) shut, see configs/train_tiny.yaml."""
 
     def check(self) -> list[str]:
         problems = []

@@ -114,7 +114,7 @@ class FusionBlock(nn.Module):
         -> (s_out [b, S, d], m_next [b, M, d])
     """
 
-    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, gate_init: float = 0.0):
         super().__init__()
         self.motion_attn = MaskedAttention(dim, n_heads, dropout)
         self.motion_norm = nn.LayerNorm(dim)
@@ -129,7 +129,7 @@ class FusionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         # Scalar gate, 0 at init so the block starts as the identity on s. Shape [1] rather than []:
         # DeepSpeed's parameter broadcast cannot handle 0-dim tensors.
-        self.gate = nn.Parameter(torch.zeros(1))
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def joint(
         self,
@@ -207,6 +207,7 @@ class FocusFeatureProjector(nn.Module):
         n_blocks: int = 2,
         n_heads: int = 8,
         dropout: float = 0.0,
+        gate_init: float = 0.0,
     ):
         super().__init__()
         for name, value in (("d_sem", d_sem), ("d_motion", d_motion), ("d_llm", d_llm), ("n_heads", n_heads)):
@@ -220,7 +221,7 @@ class FocusFeatureProjector(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.mlp_s = _mlp(d_sem, 2 * d_llm, d_llm)
         self.mlp_t = _mlp(d_motion, 2 * d_llm, d_llm)
-        self.blocks = nn.ModuleList(FusionBlock(d_llm, n_heads, dropout) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(FusionBlock(d_llm, n_heads, dropout, gate_init) for _ in range(n_blocks))
 
     def forward(
         self,

@@ -156,5 +156,6 @@ def build_dualfocus(model_dir: str, connector_cfg=None, llm_dtype: str = "float3
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         time_embedding = RelativeTimeEmbedding(d_v, n_positions=cc.time_positions)
-        ffp = FocusFeatureProjector(d_q, d_v, d_l, n_blocks=cc.ffp_blocks, n_heads=cc.ffp_heads, dropout=cc.ffp_dropout)
+        ffp = FocusFeatureProjector(d_q, d_v, d_l, n_blocks=cc.ffp_blocks, n_heads=cc.ffp_heads, dropout=cc.ffp_dropout,
+                                    gate_init=cc.gate_init)
     return DualFocus(SemanticStream(qformer, query_tokens), time_embedding, ffp, llm)

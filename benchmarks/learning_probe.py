@@ -1,0 +1,101 @@
+"""Per-question-type learning curves of the connector on an existing toy store (a diagnostic, not a test).
+
+    python benchmarks/learning_probe.py --work DIR [--steps 600] [--lr 1e-3] [--gate-init 0] [--gate-lr-scale 1]
+
+DIR holds `toy/` (from `dualfocus toy-corpus`), `model/` (init-tiny) and `store/` (extract), e.g. the
+directory `benchmarks/toy_learning.py --dir DIR` leaves behind. The loop is the training step without
+DeepSpeed (plain AdamW, warmup, clipping, one thread), so variants are quick to compare; every
+`--eval-every` steps it prints greedy held-out accuracy per question type. `--gate-init` and
+`--gate-lr-scale` deliberately step outside the paper's recipe (zero-init gates, one learning rate) to
+probe why shape and direction are slow to learn; see the training issue's note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--ffp-heads", type=int, default=2)
+    ap.add_argument("--max-frames", type=int, default=8)
+    ap.add_argument("--gate-init", type=float, default=0.0, help="FFP gate value at step 0 (recipe: 0)")
+    ap.add_argument("--gate-lr-scale", type=float, default=1.0, help="gate learning rate / base (recipe: 1)")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from dualfocus.evaluate.metrics import contains_match
+    from dualfocus.train.config import ConnectorConfig
+    from dualfocus.train.data import FeatureQADataset, collate
+    from dualfocus.train.loop import warmup_then_constant
+    from dualfocus.train.model import build_dualfocus
+    from dualfocus.train.prepare import prepare_samples
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    w = args.work
+    store, model_dir = str(w / "store"), str(w / "model")
+    train = prepare_samples(store, str(w / "toy" / "train.json"), model_dir, with_answers=True)
+    test = prepare_samples(store, str(w / "toy" / "test_q.json"), model_dir, with_answers=False)
+    answers = {str(a["question_id"]): a for a in json.loads((w / "toy" / "test_a.json").read_text())}
+    train_items = [FeatureQADataset(store, train.samples, args.max_frames)[i] for i in range(len(train.samples))]
+    test_ds = FeatureQADataset(store, test.samples, args.max_frames)
+    test_items = [test_ds[i] for i in range(len(test_ds))]
+
+    model = build_dualfocus(model_dir, ConnectorConfig(ffp_heads=args.ffp_heads), seed=args.seed)
+    gates = [block.gate for block in model.ffp.blocks]
+    with torch.no_grad():
+        for g in gates:
+            g.fill_(args.gate_init)
+    gate_ids = {id(g) for g in gates}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": gates, "lr": args.lr * args.gate_lr_scale}],
+                            lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_constant(args.warmup))
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        hits: dict[str, list[bool]] = defaultdict(list)
+        with torch.no_grad():
+            for s in range(0, len(test_items), 32):
+                batch = collate(test_items[s:s + 32], test.qformer_pad_id)
+                out = model.generate(batch, max_new_tokens=4, eos_token_id=test.eos_token_id,
+                                     pad_token_id=test.pad_token_id)
+                for sample, ids in zip(batch["samples"], out):
+                    gold = answers[sample.question_id]
+                    pred = test.tokenizer.decode(ids, skip_special_tokens=True)
+                    hits[gold.get("type", "all")].append(contains_match(pred, gold["answer"]))
+        model.train()
+        return {k: round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
+
+    gen = torch.Generator().manual_seed(args.seed)
+    start, smooth = time.perf_counter(), None
+    for step in range(1, args.steps + 1):
+        idx = torch.randperm(len(train_items), generator=gen)[: args.batch].tolist()
+        loss = model(collate([train_items[i] for i in idx], train.qformer_pad_id))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
+        if step % args.eval_every == 0 or step == args.steps:
+            print(f"step {step:5d} | loss {smooth:.3f} | gates {[round(g.item(), 3) for g in gates]} | "
+                  f"{time.perf_counter() - start:.0f} s | held-out {evaluate()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
