@@ -241,8 +241,8 @@ def test_gate_init_is_zero_by_default_and_configurable():
     assert ConnectorConfig().gate_init == 0.0  # the paper's recipe
     default = FocusFeatureProjector(8, 6, 16, n_blocks=2, n_heads=2)
     opened = FocusFeatureProjector(8, 6, 16, n_blocks=2, n_heads=2, gate_init=1.0)
-    assert all(float(b.gate) == 0.0 for b in default.blocks)
-    assert all(float(b.gate) == 1.0 for b in opened.blocks)
+    assert all(b.gate.item() == 0.0 for b in default.blocks)
+    assert all(b.gate.item() == 1.0 for b in opened.blocks)
     s, m = torch.randn(1, 4, 8), torch.randn(1, 6, 6)
     opened.load_state_dict(default.state_dict() | {f"blocks.{i}.gate": torch.ones(1) for i in range(2)})
     assert not torch.allclose(opened(s, m), opened.mlp_s(s))
