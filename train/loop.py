@@ -81,16 +81,18 @@ def init_distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            import socket
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ:  # a launcher (deepspeed, torchrun) set up the group's environment
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        else:  # one process: a private TCP rendezvous, leaving os.environ alone so child processes
+            import socket  # (e.g. a later `dualfocus train` subprocess) never inherit a port in use
 
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(port))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                       init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # the engine asks for it; harmless to inherit
     return dist.get_rank(), dist.get_world_size()
 
 
