@@ -71,13 +71,14 @@ def run_ask(video: str, question: str, cfg: AskConfig) -> str:
     from dualfocus.pipeline.models import load_llm_tokenizer, load_qformer_tokenizer
     from dualfocus.pipeline.qa import QAItem
     from dualfocus.train.checkpoint import read_export
-    from dualfocus.train.data import collate, subsample_indices, tokenise
+    from dualfocus.pipeline.sampling import uniform_indices
+    from dualfocus.train.data import collate, tokenise
     from dualfocus.train.prompt import PromptBuilder
 
     meta, _ = read_export(cfg.checkpoint)
     model_dir = check_export_matches(meta, cfg.model, None, cfg.checkpoint)
     semantic, motion = video_features(video, model_dir, meta["store_fingerprint"], cfg.decode_timeout_s)
-    keep = subsample_indices(len(semantic), meta["max_frames"])
+    keep = uniform_indices(len(semantic), meta["max_frames"])
     q_tok = load_qformer_tokenizer(model_dir)
     item = QAItem(video_id=video, question=question, question_id="ask")
     (sample,) = tokenise([item], {video: len(keep)}, PromptBuilder(load_llm_tokenizer(model_dir)), q_tok,

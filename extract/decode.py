@@ -22,6 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
+from dualfocus.pipeline.sampling import uniform_indices
+
 BACKENDS = ("decord", "pyav")
 
 
@@ -58,10 +60,7 @@ def sample_timestamps(duration_s: float, fps: float, max_frames: int | None) -> 
         # The tolerance keeps e.g. 0.3 s at 10 fps (0.30000000000000004 * 10) at 3 samples, not 4.
         n = max(1, math.ceil(duration_s * fps - 1e-9))
     times = np.arange(n, dtype=np.float64) / fps
-    if max_frames is not None and n > max_frames:
-        keep = np.unique(np.floor(np.linspace(0, n - 1, max_frames) + 0.5).astype(np.int64))
-        times = times[keep]
-    return times
+    return times[uniform_indices(n, max_frames)]
 
 
 class VideoDecoder(Protocol):

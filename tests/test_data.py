@@ -12,8 +12,8 @@ import torch
 
 from dualfocus.pipeline.errors import UserError
 from dualfocus.pipeline.qa import QAItem, read_training_qa
-from dualfocus.train.data import (FeatureQADataset, check_store_matches_model, collate, join_with_store,
-                                  subsample_indices)
+from dualfocus.pipeline.sampling import uniform_indices as subsample_indices
+from dualfocus.train.data import FeatureQADataset, check_store_matches_model, collate, join_with_store
 from dualfocus.train.sampler import ResumableBatches
 
 

@@ -18,13 +18,7 @@ import torch
 
 from dualfocus.pipeline.errors import UserError
 from dualfocus.pipeline.qa import IdMatcher, QAItem
-
-
-def subsample_indices(n: int, max_frames: int | None) -> np.ndarray:
-    """``n`` frame indices, or ``max_frames`` of them spread uniformly (first and last kept)."""
-    if max_frames is None or n <= max_frames:
-        return np.arange(n)
-    return np.unique(np.round(np.linspace(0, n - 1, max_frames)).astype(np.int64))
+from dualfocus.pipeline.sampling import uniform_indices
 
 
 @dataclass
@@ -115,7 +109,7 @@ class FeatureQADataset(torch.utils.data.Dataset):
         if self._store is None:
             self._store = FeatureStore.open(self.store_path)
         s = self.samples[i]
-        feats = self._store.read(s.video_id, subsample_indices(s.n_frames, self.max_frames))
+        feats = self._store.read(s.video_id, uniform_indices(s.n_frames, self.max_frames))
         return {"semantic": torch.from_numpy(np.asarray(feats.semantic, dtype=np.float32)),        # [t, P, d_v]
                 "spatiotemporal": torch.from_numpy(np.asarray(feats.spatiotemporal, dtype=np.float32)),  # [t, M, d_v]
                 "sample": s, "index": i}
