@@ -80,26 +80,32 @@ def test_hard_kill_then_rerun_stores_every_video_exactly_once(corpus, tiny_model
     first = subprocess.Popen([*dualfocus_command(), *args], env=env, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        # Aim the kill at a moment with one batch committed and the next one half-written. The writer
+        # keeps going while we look, so the state the kill actually leaves is read again afterwards and
+        # every assertion below holds for whatever that state is (garbage or none).
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and first.poll() is None:
             parts, garbage = store_state(store)
-            if parts and garbage:  # at least one batch committed and the next one half-written
+            if parts and garbage:
                 break
             time.sleep(0.02)
         assert first.poll() is None, f"first run ended before the kill:\n{first.stdout.read()}"
-        assert parts and garbage, "no committed manifest part within the deadline"
+        assert parts, "no committed manifest part within the deadline"
     finally:
         kill_session(first)
 
-    parts, garbage = store_state(store)
+    parts, garbage = store_state(store)  # frozen now: every process of the first run is dead
     committed = latest(read_all(store))
-    assert len(committed) == PER_SHARD * len(parts) < N_VIDEOS
+    assert len(committed) == PER_SHARD * len(parts) < N_VIDEOS  # only whole shards were committed
     assert (committed["status"] == "ok").all()
 
     second = run_cli(*args, timeout=600)
     out = second.stdout
-    assert garbage, out
-    assert f"removed {len(garbage)} uncommitted shard(s) from an interrupted run: {', '.join(garbage)}" in out, out
+    if garbage:
+        assert (f"removed {len(garbage)} uncommitted shard(s) from an interrupted run: "
+                f"{', '.join(garbage)}") in out, out
+    else:
+        assert "uncommitted shard" not in out, out
     assert (f"videos: {N_VIDEOS} in corpus | ok {N_VIDEOS - len(committed)} | failed 0 | "
             f"skipped {len(committed)}") in out, out
 
