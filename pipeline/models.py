@@ -7,12 +7,15 @@ and ``preprocessor_config.json``. A real InstructBLIP-Vicuna checkpoint and the 
 ``dualfocus init-tiny`` share this layout, so every stage loads both with the same code.
 
 Each loader reads only the tensors of its own part: extract never touches the 7B LLM's weights.
-Nothing is downloaded: every path must exist locally.
+A part is built with its parameters on the meta device and each tensor is read straight into its final
+dtype and device (``build_and_load``), so loading costs about one copy of the part, not a random copy
+plus the checkpoint. Nothing is downloaded: every path must exist locally.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,71 +91,161 @@ def weight_files(path: Path) -> dict[str, Path]:
     raise ModelLoadError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
-def load_weights(path: str | Path, prefix: str) -> dict:
-    """Tensors whose names start with ``prefix``, with the prefix stripped (only those are read)."""
-    from safetensors import safe_open
-
-    path = _model_dir(path)
-    files = weight_files(path)
+def _names_by_file(path: Path, prefix: str) -> dict[Path, list[str]]:
+    """The tensor names under ``prefix``, grouped by the safetensors file holding them."""
     wanted: dict[Path, list[str]] = {}
-    for name, file in files.items():
+    for name, file in weight_files(path).items():
         if name.startswith(prefix):
             wanted.setdefault(file, []).append(name)
     if not wanted:
         raise ModelLoadError(f"{path} holds no weights under {prefix!r}")
+    return wanted
+
+
+def _open_weights(file: Path, device: str = "cpu"):
+    # pread copies each tensor into its own buffer. The default mmap backend would leave every page of the
+    # file it touched resident until the file is closed: a second copy of the weights at the peak.
+    from safetensors import safe_open
+
+    return safe_open(str(file), framework="pt", device=device, backend="pread")
+
+
+def load_weights(path: str | Path, prefix: str) -> dict:
+    """Tensors whose names start with ``prefix``, with the prefix stripped (only those are read)."""
+    path = _model_dir(path)
     out = {}
-    for file, names in wanted.items():
-        with safe_open(str(file), framework="pt") as f:
+    for file, names in _names_by_file(path, prefix).items():
+        with _open_weights(file) as f:
             for name in names:
                 out[name[len(prefix):]] = f.get_tensor(name)
     return out
 
 
-def _load_into(module, path: Path, prefix: str, what: str):
-    state = load_weights(path, prefix)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{path}: the {what} weights do not match its config "
-            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})"
-        )
-    return module
+@contextmanager
+def parameters_on_meta():
+    """Inside this block every parameter a module registers goes to the meta device (shape and dtype, no
+    memory); buffers are built as usual, so values computed at construction (the rotary ``inv_freq``,
+    ``position_ids``) are exactly those of a normal construction. Random initialisation on meta is free.
 
-
-def load_vision_model(path: str | Path, dtype: str = "float32"):
-    """The frozen vision tower (``InstructBlipVisionModel``) in eval mode."""
+    The hook is global while the block runs: build modules in it from one thread only.
+    """
     import torch
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    def to_meta(module, name, param):
+        if param is None or param.is_meta:
+            return None
+        return torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    handle = register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _short(names: list[str]) -> str:
+    return f"{names[:3]}{'...' if len(names) > 3 else ''}"
+
+
+def build_and_load(build, path: str | Path, prefix: str, what: str, dtype: str | None = None,
+                   device: str = "cpu"):
+    """``build()`` a module with its parameters on the meta device, then give every parameter the tensor
+    ``prefix + name`` of the checkpoint, read straight onto ``device`` and cast to ``dtype`` (floating
+    tensors; the dtype the module was built with when None). Tied weights are tied again afterwards.
+
+    Peak memory is the finished module plus one tensor in flight, never a random copy beside the loaded one.
+    A tensor the module lacks, one it has that the checkpoint lacks, or a shape that differs is a
+    ``ModelLoadError`` naming ``path``.
+    """
+    import torch
+
+    path = _model_dir(path)
+    cast_to = None if dtype is None else torch_dtype(dtype)
+    with parameters_on_meta():
+        module = build()
+    expected = module.state_dict(keep_vars=True)  # parameters and persistent buffers; tied ones under each name
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    mismatched: dict[str, str] = {}  # key -> "checkpoint shape vs module shape"
+    for file, names in _names_by_file(path, prefix).items():
+        with _open_weights(file, device=str(device)) as f:
+            for name in names:
+                key = name[len(prefix):]
+                target = expected.get(key)
+                if target is None:
+                    unexpected.append(key)
+                    continue
+                tensor = f.get_tensor(name)
+                if tensor.shape != target.shape:
+                    mismatched[key] = f"{key} {list(tensor.shape)} vs {list(target.shape)}"
+                    continue
+                floating = tensor.is_floating_point() and target.is_floating_point()
+                state[key] = tensor.to(cast_to if floating and cast_to is not None else target.dtype)
+                del tensor  # when the cast made a copy, the read buffer goes before the next read
+    tied: dict[int, list[str]] = {}  # a tied parameter is one object under several names
+    for key, value in expected.items():
+        tied.setdefault(id(value), []).append(key)
+    seen = set(state) | set(mismatched)
+    missing = [key for key, value in expected.items()
+               if not seen.intersection(tied[id(value)])
+               and (isinstance(value, torch.nn.Parameter) or not key.endswith("position_ids"))]
+    if not (missing or unexpected or mismatched):
+        module.load_state_dict(state, strict=False, assign=True)
+        if hasattr(module, "tie_weights"):  # assigning a tensor to one side of a tie unties it
+            module.tie_weights()
+        missing = [key for key, value in module.state_dict(keep_vars=True).items() if value.is_meta]
+    if missing or unexpected or mismatched:
+        problems = [f"missing {_short(missing)}"] if missing else []
+        problems += [f"unexpected {_short(unexpected)}"] if unexpected else []
+        problems += [f"other shapes {_short(list(mismatched.values()))}"] if mismatched else []
+        raise ModelLoadError(f"{path}: the {what} weights do not match its config ({', '.join(problems)})")
+    return module.to(device)  # buffers; the parameters are already there
+
+
+def torch_dtype(name: str):
+    """``"bfloat16"`` -> ``torch.bfloat16``; a clear error for a name that is not a floating dtype."""
+    import torch
+
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype such as float32 or bfloat16, got {name!r}")
+    return value
+
+
+def load_vision_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """The frozen vision tower (``InstructBlipVisionModel``) in eval mode, on ``device`` in ``dtype``."""
     from transformers import InstructBlipVisionModel
 
     cfg = load_config(path)
-    model = InstructBlipVisionModel(cfg.vision_config)
-    _load_into(model, Path(path), "vision_model.", "vision tower")
-    return model.to(getattr(torch, dtype)).eval().requires_grad_(False)
+    model = build_and_load(lambda: InstructBlipVisionModel(cfg.vision_config), path, "vision_model.",
+                           "vision tower", dtype=dtype, device=device)
+    return model.to(torch_dtype(dtype)).eval().requires_grad_(False)  # .to: floating buffers too
 
 
-def load_qformer(path: str | Path):
-    """(``InstructBlipQFormerModel``, query_tokens ``[1, q, d_q]`` Parameter) from the checkpoint."""
+def load_qformer(path: str | Path, device: str = "cpu"):
+    """(``InstructBlipQFormerModel``, query_tokens ``[1, q, d_q]`` Parameter) from the checkpoint, in fp32."""
     import torch
     from transformers import InstructBlipQFormerModel
 
     cfg = load_config(path)
-    qformer = InstructBlipQFormerModel(cfg.qformer_config)
-    _load_into(qformer, Path(path), "qformer.", "Q-Former")
+    qformer = build_and_load(lambda: InstructBlipQFormerModel(cfg.qformer_config), path, "qformer.", "Q-Former",
+                             dtype="float32", device=device)
     query = load_weights(path, "query_tokens")[""]
-    return qformer, torch.nn.Parameter(query.float())
+    return qformer, torch.nn.Parameter(query.float().to(device))
 
 
-def load_llm(path: str | Path, dtype: str = "float32"):
-    """The causal LM (frozen by the caller) from the checkpoint's ``language_model.*`` weights."""
-    import torch
+def load_llm(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """The causal LM (frozen by the caller) from the checkpoint's ``language_model.*`` weights.
+
+    No random weights are made: the model is built on the meta device and each tensor is read straight
+    onto ``device`` in ``dtype`` (peak host memory about one copy of the LLM; none when ``device`` is a GPU).
+    """
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(path)
-    model = AutoModelForCausalLM.from_config(cfg.text_config, dtype=getattr(torch, dtype))
-    _load_into(model, Path(path), "language_model.", "language model")
-    if getattr(cfg.text_config, "tie_word_embeddings", False):
-        model.tie_weights()
+    build = lambda: AutoModelForCausalLM.from_config(cfg.text_config, dtype=torch_dtype(dtype))  # noqa: E731
+    model = build_and_load(build, path, "language_model.", "language model", device=device)
     return model.eval()
 
 
