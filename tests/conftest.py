@@ -63,3 +63,41 @@ def toy_store(tmp_path_factory, tiny_model, toy_corpus) -> Path:
     summary = run_extract(cfg, progress=False)
     assert summary.ok == 12 and summary.failed == 0
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: the tiny model's ops are too small to share between threads, and on
+    a busy CPU OpenMP threads waiting for each other make a step up to 10x slower. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def copy_store_with_overflow(src: Path, dst: Path, n_frames: int, failed: str | None = None) -> Path:
+    """A copy of the store ``src`` at ``dst`` plus what an extract run can also leave behind, written with
+    the store's own writer: a video ``overflow_clip`` of ``n_frames`` frames whose features are inf (as an
+    fp16 overflow leaves them) and, when ``failed`` names one, a failed video of that id."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from dualfocus.store import StoreWriter
+
+    shutil.copytree(src, dst)
+    info = json.loads((dst / "store.json").read_text())
+    sem, mot = info["semantic_shape"], info["spatiotemporal_shape"]
+    with StoreWriter(dst, format=info["format"], dtype=info["dtype"], fingerprint=info["fingerprint"],
+                     semantic_shape=sem, spatiotemporal_shape=mot) as writer:
+        if failed:
+            writer.add_failed(failed, f"videos/{failed}.mp4", "DecodeError: moov atom not found")
+        writer.begin_video("overflow_clip", "videos/overflow_clip.mp4", {"n_frames": n_frames, "duration_s": float(n_frames)})
+        writer.add_frames(np.full((n_frames, *sem), np.inf, np.float32), np.full((n_frames, *mot), np.inf, np.float32),
+                          np.arange(n_frames, dtype=np.float32))
+        writer.end_video()
+    return dst

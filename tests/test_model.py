@@ -11,16 +11,11 @@ from dualfocus.train.data import collate, tokenise
 from dualfocus.train.model import TRAINABLE_PREFIXES, build_dualfocus
 from dualfocus.train.prompt import IGNORE_INDEX, PromptBuilder
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 P, M, D_V = 257, 64, 64  # tiny model: 224 px frames, 14 px patches, vision width 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Ops this small gain nothing from a second thread, and on a busy CPU the threads wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

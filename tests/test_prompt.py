@@ -69,12 +69,27 @@ def test_question_whitespace_is_stripped(llm_tok):
     assert builder("  " + QUESTION + "\n", " up ") == builder(QUESTION, "up")
 
 
-def test_long_answers_are_cut_but_keep_their_eos(llm_tok):
+def test_a_cut_answer_gets_no_eos_label(llm_tok):
+    """An EOS after a cut answer would teach the model to stop mid-sentence; an answer that fits keeps it."""
     answer = "the red square moves left and the blue circle moves right and the green star moves up"
-    full = PromptBuilder(llm_tok)(QUESTION, answer).answer
-    cut = PromptBuilder(llm_tok, max_answer_tokens=3)(QUESTION, answer).answer
-    assert len(full) > 4
-    assert cut == full[:3] + [llm_tok.eos_token_id]
+    full = PromptBuilder(llm_tok)(QUESTION, answer)
+    n = len(full.answer) - 1  # answer tokens without the EOS
+    assert n > 4 and full.answer[-1] == llm_tok.eos_token_id
+    cut = PromptBuilder(llm_tok, max_answer_tokens=3)(QUESTION, answer)
+    assert cut.answer == full.answer[:3] and llm_tok.eos_token_id not in cut.labels_after_video()
+    assert labelled(cut.labels_after_video()) == full.answer[:3]
+    # exactly at the limit nothing is cut, so the EOS stays
+    assert PromptBuilder(llm_tok, max_answer_tokens=n)(QUESTION, answer).answer == full.answer
+
+
+def test_question_length_for_the_qformer_is_the_configured_one(llm_tok, qformer_tok):
+    from dualfocus.pipeline.qa import QAItem
+
+    item = QAItem("vid_a", "What color is the shape that moves from the left to the right of the frame?", "red")
+    full, short = (tokenise([item], {"vid_a": 2}, PromptBuilder(llm_tok), qformer_tok, with_answers=True,
+                            max_question_tokens=n)[0].qformer_ids for n in (64, 5))
+    assert len(full) > 5 and len(short) == 5
+    assert short[:4] == full[:4] and short[-1] == full[-1] == qformer_tok.sep_token_id  # cut, still closed by SEP
 
 
 def test_tokenise_builds_text_ids_and_labels_per_sample(llm_tok, qformer_tok):

@@ -62,6 +62,8 @@ def test_run_directory_holds_config_metrics_plot_and_export(cli_run, toy_store, 
     assert meta["step"] == 8 and meta["base_model"] == str(Path(tiny_model).resolve())
     assert meta["store_fingerprint"] == json.loads((toy_store / "store.json").read_text())["fingerprint"]
     assert meta["max_frames"] == 4 and meta["connector"]["ffp_blocks"] == 2
+    # what inference must reproduce: the Q-Former question length, and the precisions the run used
+    assert (meta["max_question_tokens"], meta["llm_dtype"], meta["connector_dtype"]) == (64, "float32", "float32")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_checkpoints_and_export_hold_every_trainable_weight_and_no_llm(cli_run, 
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for tag in tags:
         folder = run / "checkpoints" / tag
-        assert {f.name for f in folder.iterdir()} == {"client_state.pt", "mp_rank_00_model_states.pt",
+        assert {f.name for f in folder.iterdir()} == {"client_state.pt", "rng_rank0.pt", "mp_rank_00_model_states.pt",
                                                        "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
         states = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)
         assert set(states["module"]) == trainable

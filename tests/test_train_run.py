@@ -4,17 +4,19 @@ annotation join's counts, and the stop on a non-finite loss."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_store_with_overflow
 import torch
 
 from dualfocus.pipeline.config import load_config
 from dualfocus.pipeline.errors import UserError
 from dualfocus.train.config import TrainConfig
 from dualfocus.train.loop import run_train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,30 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 def extended_store(toy_store, tmp_path_factory) -> Path:
     """The toy store plus what an extract run can also leave behind: a failed video and a video whose
     features overflowed to inf (both written with the store's own writer)."""
-    from dualfocus.store import StoreWriter
-
-    root = tmp_path_factory.mktemp("extended") / "store"
-    shutil.copytree(toy_store, root)
-    info = json.loads((root / "store.json").read_text())
-    sem, mot = info["semantic_shape"], info["spatiotemporal_shape"]
-    with StoreWriter(root, format=info["format"], dtype=info["dtype"], fingerprint=info["fingerprint"],
-                     semantic_shape=sem, spatiotemporal_shape=mot) as writer:
-        writer.add_failed("broken_clip", "videos/broken_clip.mp4", "DecodeError: moov atom not found")
-        writer.begin_video("overflow_clip", "videos/overflow_clip.mp4", {"n_frames": 3, "duration_s": 3.0})
-        writer.add_frames(np.full((3, *sem), np.inf, np.float32), np.full((3, *mot), np.inf, np.float32),
-                          np.arange(3, dtype=np.float32))
-        writer.end_video()
-    return root
+    return copy_store_with_overflow(toy_store, tmp_path_factory.mktemp("extended") / "store", n_frames=3,
+                                    failed="broken_clip")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to share between threads; on a busy CPU, OpenMP threads waiting
-    for each other make a step up to 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_annotations(path: Path, records: list[dict]) -> Path:

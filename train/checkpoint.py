@@ -3,7 +3,8 @@
 RUN_DIR/
     train_config.yaml        resolved config of the run (compared on --resume)
     checkpoints/stepNNNNNNN/ DeepSpeed checkpoint of the trainable weights + optimiser + scheduler
-                             (frozen LLM excluded) and our client state: step, data position, RNG
+                             (frozen LLM excluded), each rank's RNG (rng_rankN.pt) and our client
+                             state (client_state.pt: step, data position, world size; written last)
     metrics.jsonl            one line per logged step
     loss.png                 loss curve, written at the end
     final/connector.safetensors + final/dualfocus.json   the export that generate/ask load
@@ -58,24 +59,44 @@ def latest_complete_tag(run_dir: Path) -> str | None:
 
 
 def save_checkpoint(engine, run_dir: Path, step: int, client: dict, keep: int) -> str:
-    """DeepSpeed checkpoint of the trainable state, then our client state, then prune old ones."""
+    """DeepSpeed checkpoint of the trainable state and every rank's RNG, then (rank 0, once all ranks are
+    done) our client state, which marks the checkpoint complete; then prune old ones. Every rank calls it."""
+    import torch.distributed as dist
+
     tag = f"step{step:07d}"
     root = Path(run_dir) / "checkpoints"
     engine.save_checkpoint(str(root), tag=tag, client_state={}, exclude_frozen_parameters=True)
-    if engine.global_rank == 0:
-        torch.save({**client, "rng": rng_state()}, root / tag / "client_state.pt.tmp")
-        (root / tag / "client_state.pt.tmp").rename(root / tag / "client_state.pt")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _save_atomically(rng_state(), root / tag / f"rng_rank{rank}.pt")  # ranks draw different dropout masks
+    dist.barrier()
+    if rank == 0:
+        _save_atomically({**client, "world": world}, root / tag / "client_state.pt")
         for old in checkpoint_tags(run_dir)[:-keep]:
             shutil.rmtree(root / old, ignore_errors=True)
     return tag
 
 
+def _save_atomically(obj, path: Path) -> None:
+    torch.save(obj, path.with_name(path.name + ".tmp"))
+    path.with_name(path.name + ".tmp").rename(path)
+
+
+def read_client_state(run_dir: Path, tag: str) -> dict:
+    """Step, data position (``micro_batches``) and world size of a complete checkpoint."""
+    client = torch.load(Path(run_dir) / "checkpoints" / tag / "client_state.pt", weights_only=False)
+    client.setdefault("world", 1)  # written before multi-rank runs recorded it: one process
+    return client
+
+
 def load_checkpoint(engine, run_dir: Path, tag: str) -> dict:
-    """Restore weights, optimiser, scheduler and RNG; returns the client state (step, data position)."""
+    """Restore weights, optimiser, scheduler and this rank's RNG; returns the client state."""
+    import torch.distributed as dist
+
     root = Path(run_dir) / "checkpoints"
     engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
-    client = torch.load(root / tag / "client_state.pt", weights_only=False)
-    set_rng_state(client.pop("rng"))
+    client = read_client_state(run_dir, tag)
+    rng_file = root / tag / f"rng_rank{dist.get_rank()}.pt"
+    set_rng_state(client.pop("rng") if "rng" in client else torch.load(rng_file, weights_only=False))
     return client
 
 

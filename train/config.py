@@ -23,8 +23,10 @@ class ConnectorConfig:
     time_positions: int = 1000
     """Relative-time embedding table size (positions scaled to 0..time_positions-1)."""
     gate_init: float = 0.0
-    """Initial value of each FFP fusion gate. The paper's 0 makes the connector start as mlp_s(semantic);
-    on a short CPU budget that keeps the fusion path (shape, direction) shut, see configs/train_tiny.yaml."""
+    """Initial value of each FFP fusion gate (paper: 0, so the connector starts as mlp_s(semantic))."""
+    gate_kind: str = "linear"
+    """How a gate scales its block's fused branch: "linear" (paper: s + g·c) or "tanh" (s + tanh(g)·c,
+    bounded as in Flamingo-style gated cross-attention)."""
 
     def check(self) -> list[str]:
         problems = []
@@ -36,6 +38,8 @@ class ConnectorConfig:
             problems.append(f"ffp_dropout must be within [0, 1), got {self.ffp_dropout}")
         if self.time_positions < 2:
             problems.append(f"time_positions must be >= 2, got {self.time_positions}")
+        if self.gate_kind not in ("linear", "tanh"):
+            problems.append(f"gate_kind must be linear or tanh, got {self.gate_kind!r}")
         return problems
 
 
@@ -50,7 +54,10 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes reading the store while the model computes."""
     max_answer_tokens: int = 256
-    """Longer answers are cut (the EOS is kept)."""
+    """Longer answers are cut, and a cut answer gets no EOS label (it must not teach stopping mid-answer)."""
+    max_question_tokens: int = 64
+    """Question tokens the Q-Former reads (its own tokenizer, CLS/SEP included); longer questions are cut.
+    Recorded in the export so inference cuts the same way."""
     shuffle: bool = True
     """Shuffle with a seeded permutation per epoch (reproducible, resumable)."""
 
@@ -64,6 +71,8 @@ class DataConfig:
             problems.append(f"num_workers must be >= 0, got {self.num_workers}")
         if self.max_answer_tokens < 1:
             problems.append(f"max_answer_tokens must be >= 1, got {self.max_answer_tokens}")
+        if self.max_question_tokens < 3:
+            problems.append(f"max_question_tokens must be >= 3 (CLS, a token, SEP), got {self.max_question_tokens}")
         return problems
 
 
@@ -83,6 +92,9 @@ class OptimConfig:
     """Gradient norm clip (paper: 1.0); 0 disables."""
     grad_accum: int = 1
     """Micro-batches per optimiser step."""
+    gate_lr_scale: float = 1.0
+    """Learning rate of the FFP fusion gates as a multiple of lr (paper: 1). Lets zero-init gates open
+    within a short budget while every other parameter keeps the base rate."""
 
     def check(self) -> list[str]:
         problems = []
@@ -98,6 +110,8 @@ class OptimConfig:
             problems.append(f"grad_clip must be >= 0, got {self.grad_clip}")
         if self.grad_accum < 1:
             problems.append(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.gate_lr_scale <= 0:
+            problems.append(f"gate_lr_scale must be > 0, got {self.gate_lr_scale}")
         return problems
 
 
@@ -126,7 +140,9 @@ class TrainConfig:
     seed: int = 0
     """Seed for data order, dropout and initialisation of new modules."""
     llm_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    """Dtype of the frozen LLM's weights."""
+    """Dtype of the frozen LLM's weights, and the precision DeepSpeed trains the connector in: the DeepSpeed
+    JSON's bf16/fp16 sections are filled from it (bfloat16 -> bf16, float16 -> fp16, float32 -> neither);
+    a JSON that enables another precision is refused."""
     deepspeed: str = "configs/ds_zero2_bf16.json"
     """DeepSpeed JSON (ZeRO stage, precision); a path, or a name under the package's configs/."""
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)

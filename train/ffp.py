@@ -23,6 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import nn
 
 
+GATE_KINDS = ("linear", "tanh")
+
+
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     """Linear -> GELU -> Linear."""
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
@@ -110,12 +113,20 @@ class MaskedAttention(nn.Module):
 class FusionBlock(nn.Module):
     """One FFP fusion block (DESIGN.md section 1, steps 1-4).
 
+    The scalar gate of step 4 starts at ``gate_init`` (the paper's 0 makes the block start as the identity
+    on s). ``gate_kind`` "linear" uses it as is (the paper's); "tanh" uses tanh(gate), the bounded gate of
+    Flamingo-style gated cross-attention (same value and slope at 0, never beyond +-1).
+
     forward(s [b, S, d], m [b, M, d], semantic_mask [b, S], motion_mask [b, M])
         -> (s_out [b, S, d], m_next [b, M, d])
     """
 
-    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, gate_init: float = 0.0):
+    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, gate_init: float = 0.0,
+                 gate_kind: str = "linear"):
         super().__init__()
+        if gate_kind not in GATE_KINDS:
+            raise ValueError(f"gate_kind must be one of {', '.join(GATE_KINDS)}, got {gate_kind!r}")
+        self.gate_kind = gate_kind
         self.motion_attn = MaskedAttention(dim, n_heads, dropout)
         self.motion_norm = nn.LayerNorm(dim)
         self.joint_attn = MaskedAttention(dim, n_heads, dropout)
@@ -127,8 +138,8 @@ class FusionBlock(nn.Module):
         self.cross_ffn = _mlp(dim, 2 * dim, dim)
         self.cross_ffn_norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
-        # Scalar gate, 0 at init so the block starts as the identity on s. Shape [1] rather than []:
-        # DeepSpeed's parameter broadcast cannot handle 0-dim tensors.
+        # Scalar gate (the paper starts it at 0, so the block starts as the identity on s). Shape [1] rather
+        # than []: DeepSpeed's parameter broadcast cannot handle 0-dim tensors.
         self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def joint(
@@ -162,7 +173,11 @@ class FusionBlock(nn.Module):
         c = self.cross_attn_norm(s_c + self.drop(self.cross_attn(s_c, m_next, cross_keys)))
         c = self.cross_ffn_norm(c + self.drop(self.cross_ffn(c)))
         # 4. gated residual onto the semantic tokens
-        return s + self.gate * c, m_next
+        return s + self.gate_value() * c, m_next
+
+    def gate_value(self) -> torch.Tensor:
+        """The factor applied to the fused branch: the gate itself, or tanh of it. Shape [1]."""
+        return torch.tanh(self.gate) if self.gate_kind == "tanh" else self.gate
 
 
 class FocusFeatureProjector(nn.Module):
@@ -174,8 +189,8 @@ class FocusFeatureProjector(nn.Module):
         2. x = [s ; m'];  x = LN(x + JointAttn(x));  x = LN(x + FFN(x));  s_c, m_next = split(x)
            where semantic rows attend to every valid token and motion rows only to semantic tokens
         3. c = LN(s_c + CrossAttn(query=s_c, kv=m_next));  c = LN(c + FFN(c))
-        4. s = s + g * c, with a scalar gate g initialised to 0
-    The output is `s`; only it goes to the LLM. With every gate at 0 the output equals
+        4. s = s + g * c, with a scalar gate g (or tanh(g), `gate_kind="tanh"`) initialised to `gate_init`
+    The output is `s`; only it goes to the LLM. With every gate at 0 (the paper's init) the output equals
     `mlp_s(semantic)` exactly.
 
     About the joint mask: the public reference implementation builds a boolean mask whose meaning is
@@ -193,6 +208,8 @@ class FocusFeatureProjector(nn.Module):
         n_blocks: number of fusion blocks.
         n_heads: attention heads in every attention layer.
         dropout: dropout on attention weights and on every residual branch.
+        gate_init: initial value of every block's gate (paper: 0).
+        gate_kind: "linear" (paper: s + g*c) or "tanh" (s + tanh(g)*c).
 
     forward(semantic [b, S, d_sem], motion [b, M, d_motion],
             semantic_mask [b, S] bool | None, motion_mask [b, M] bool | None) -> [b, S, d]
@@ -208,6 +225,7 @@ class FocusFeatureProjector(nn.Module):
         n_heads: int = 8,
         dropout: float = 0.0,
         gate_init: float = 0.0,
+        gate_kind: str = "linear",
     ):
         super().__init__()
         for name, value in (("d_sem", d_sem), ("d_motion", d_motion), ("d_llm", d_llm), ("n_heads", n_heads)):
@@ -221,7 +239,7 @@ class FocusFeatureProjector(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.mlp_s = _mlp(d_sem, 2 * d_llm, d_llm)
         self.mlp_t = _mlp(d_motion, 2 * d_llm, d_llm)
-        self.blocks = nn.ModuleList(FusionBlock(d_llm, n_heads, dropout, gate_init) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(FusionBlock(d_llm, n_heads, dropout, gate_init, gate_kind) for _ in range(n_blocks))
 
     def forward(
         self,

@@ -1,7 +1,13 @@
 """``run_train``: DeepSpeed training of the DualFocus connector on cached features, resumable exactly.
 
 Single process by default (a one-rank gloo/nccl group is set up here); under the ``deepspeed`` launcher
-or ``torchrun`` the same code runs data-parallel, each rank taking every ``world``-th batch.
+or ``torchrun`` the same code runs data-parallel, each rank taking every ``world``-th batch. Every rank
+makes the same decisions: the step loss is averaged over ranks before it is checked or logged, so a
+non-finite loss on one rank stops all of them with the same message instead of leaving the others
+waiting in the next collective.
+
+Everything that only needs small files (configs, the DeepSpeed JSON, the store's metadata, the tokenised
+samples) is checked before the LLM is loaded.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class TrainSummary:
     export: str
     loss_plot: str
     stopped: str = ""
+    rank: int = 0
+    """This process's rank; only rank 0 reports (the figures are global)."""
 
     @property
     def samples_per_s(self) -> float:
@@ -50,8 +58,13 @@ def resolve_packaged(path: str) -> Path:
     return packaged if packaged.exists() else p
 
 
+# DeepSpeed's precision sections ("bfloat16" is its older name for "bf16") and the llm_dtype each one means.
+PRECISION_SECTIONS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16"}
+
+
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
-    """The DeepSpeed JSON with batch, accumulation and clipping filled in from the train config."""
+    """The DeepSpeed JSON with batch, accumulation and clipping filled in from the train config, and its
+    precision from ``llm_dtype`` (a section that enables another precision is refused, naming both)."""
     from dualfocus.pipeline.errors import UserError
 
     path = resolve_packaged(cfg.deepspeed)
@@ -64,6 +77,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise UserError(f"{path}: remove '{key}'; the optimiser and schedule come from the train config (optim.*)")
+    _fill_precision(ds, cfg.llm_dtype, path)
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["gradient_accumulation_steps"] = cfg.optim.grad_accum
     ds["train_batch_size"] = cfg.data.batch_size * cfg.optim.grad_accum * world
@@ -71,6 +85,27 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _fill_precision(ds: dict, llm_dtype: str, path: Path) -> None:
+    """Enable exactly the precision section ``llm_dtype`` calls for; refuse a JSON that says otherwise."""
+    from dualfocus.pipeline.errors import UserError
+
+    for section, dtype in PRECISION_SECTIONS.items():
+        given = ds.get(section)
+        if given is None:
+            continue
+        if not isinstance(given, dict):
+            raise UserError(f"{path}: '{section}' must be an object such as {{\"enabled\": true}}, got {given!r}")
+        enabled = given.get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (dtype == llm_dtype):
+            raise UserError(f"{path}: {section}.enabled={json.dumps(enabled)} disagrees with llm_dtype={llm_dtype}; "
+                            f"change llm_dtype or the JSON (leave '{section}' out and it follows llm_dtype)")
+    legacy = ds.pop("bfloat16", None)
+    if legacy is not None:
+        ds.setdefault("bf16", legacy)
+    ds.setdefault("bf16", {})["enabled"] = llm_dtype == "bfloat16"
+    ds.setdefault("fp16", {})["enabled"] = llm_dtype == "float16"
 
 
 def init_distributed() -> tuple[int, int]:
@@ -140,6 +175,7 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.progress import step_progress
     from dualfocus.train import checkpoint as ckpt
+    from dualfocus.train.checks import ModelLimits, check_context_length, connector_problems
     from dualfocus.train.data import FeatureQADataset, collate
     from dualfocus.train.model import build_dualfocus
     from dualfocus.train.plot import plot_loss
@@ -148,20 +184,38 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
 
     run_dir = Path(cfg.out)
     check_resume(cfg, run_dir, resume)
+    # The cheap checks (config.json, the DeepSpeed JSON, store.json, the tokenised samples): every mistake they
+    # catch is reported before DeepSpeed starts and before the LLM loads.
+    limits = ModelLimits.of(cfg.model)
+    problems = connector_problems(limits, cfg.connector.ffp_heads, cfg.data.max_question_tokens)
+    if problems:
+        raise UserError("; ".join(problems))
+    deepspeed_config(cfg, world=1)  # the JSON and its precision; filled for the real world size below
     prepared = prepare_samples(cfg.store, cfg.annotations, cfg.model, with_answers=True,
-                               max_answer_tokens=cfg.data.max_answer_tokens)
+                               max_answer_tokens=cfg.data.max_answer_tokens,
+                               max_question_tokens=cfg.data.max_question_tokens)
+    check_context_length(prepared.samples, cfg.data.max_frames, limits)
     rank, world = init_distributed()
     is_main = rank == 0
+    resume_tag = ckpt.latest_complete_tag(run_dir) if resume else None
+    if resume_tag is not None:
+        saved_world = ckpt.read_client_state(run_dir, resume_tag)["world"]
+        if saved_world != world:  # each rank's data position and RNG belong to that world size
+            raise UserError(f"--resume: {run_dir} was trained by {saved_world} process(es), this run has {world}; "
+                            f"resume with {saved_world} (the data order and RNG state depend on it)")
     if is_main:
         save_config(cfg, run_dir / "train_config.yaml")
 
     torch.manual_seed(cfg.seed)
     model = build_dualfocus(cfg.model, cfg.connector, llm_dtype=cfg.llm_dtype, seed=cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    gates = {id(block.gate) for block in model.ffp.blocks}  # optim.gate_lr_scale applies to these alone
+    groups = [{"params": [p for p in trainable if id(p) not in gates]},
+              {"params": [p for p in trainable if id(p) in gates], "lr": cfg.optim.lr * cfg.optim.gate_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(cfg.optim.warmup_steps))
-    import deepspeed  # imported only once the inputs are known good: its import logs to stderr
+    import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world), model_parameters=trainable)
@@ -172,8 +226,8 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / micro_per_step))
 
     start_step, consumed = 0, 0
-    if resume:
-        client = ckpt.load_checkpoint(engine, run_dir, ckpt.latest_complete_tag(run_dir))
+    if resume_tag is not None:
+        client = ckpt.load_checkpoint(engine, run_dir, resume_tag)
         start_step, consumed = client["step"], client["micro_batches"]
     batches = ResumableBatches(len(prepared.samples), cfg.data.batch_size, cfg.seed, cfg.data.shuffle, rank, world,
                                position=(consumed // per_epoch, consumed % per_epoch))
@@ -201,6 +255,7 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
             open(metrics_path, "a" if resume else "w") if is_main else open(os.devnull, "w") as metrics:
         while step < total_steps:
             step_loss = 0.0
+            step_samples = 0
             lr = scheduler.get_last_lr()[0]  # the rate this step trains with (the scheduler moves on in step())
             for _ in range(micro_per_step):
                 t_wait = time.perf_counter()
@@ -213,9 +268,11 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
                 engine.step()
                 computed += time.perf_counter() - t_ready
                 step_loss += float(loss.detach()) / micro_per_step
-                samples_seen += len(batch["samples"])
+                step_samples += len(batch["samples"])
                 consumed += 1
-            if not math.isfinite(step_loss):
+            step_loss, step_samples = _global_step_figures(step_loss, step_samples, engine.device, world)
+            samples_seen += step_samples
+            if not math.isfinite(step_loss):  # the same value on every rank, so every rank stops here
                 last = ckpt.latest_complete_tag(run_dir)
                 stopped = (f"loss became {step_loss} at step {step + 1}; stopped without saving. "
                            f"Last good checkpoint: {last or 'none'}")
@@ -238,19 +295,30 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
                                      cfg.keep_checkpoints)
     seconds = time.perf_counter() - t0
     export = plot = ""
-    if is_main and not stopped:
-        meta = export_meta(cfg, prepared.store_info, step)
+    if stopped:  # every rank, so each exits with the same one-line message
+        raise UserError(stopped)
+    if is_main:
+        meta = export_meta(cfg, prepared.store_info, step, connector_dtype=dtype)
         export = str(ckpt.export_connector(engine.module, run_dir, meta))
         plot = str(plot_loss(metrics_path, run_dir / "loss.png"))
-    if stopped and is_main:
-        raise UserError(stopped)
     return TrainSummary(run_dir=str(run_dir), steps=step, start_step=start_step, first_loss=first_loss,
                         last_loss=last_loss, samples=samples_seen, seconds=seconds,
                         data_wait_fraction=waited / max(waited + computed, 1e-9), usable=prepared.report.line(),
-                        export=export, loss_plot=plot)
+                        export=export, loss_plot=plot, rank=rank)
 
 
-def export_meta(cfg: TrainConfig, store_info: dict, step: int) -> dict:
+def _global_step_figures(loss: float, samples: int, device, world: int) -> tuple[float, int]:
+    """(mean step loss over ranks, samples over ranks); with one rank, the figures as given."""
+    if world == 1:
+        return loss, samples
+    import torch.distributed as dist
+
+    figures = torch.tensor([loss, float(samples)], dtype=torch.float64, device=device)
+    dist.all_reduce(figures)  # a NaN or inf on any rank makes the sum non-finite on all of them
+    return figures[0].item() / world, int(figures[1].item())
+
+
+def export_meta(cfg: TrainConfig, store_info: dict, step: int, connector_dtype: torch.dtype) -> dict:
     """What generate/ask need to rebuild the model and check they are given matching inputs."""
     from dataclasses import asdict
 
@@ -258,7 +326,8 @@ def export_meta(cfg: TrainConfig, store_info: dict, step: int) -> dict:
 
     return {"format_version": 1, "base_model": str(Path(cfg.model).resolve()), "base_model_hash": config_hash(cfg.model),
             "store_fingerprint": store_info["fingerprint"], "connector": asdict(cfg.connector),
-            "llm_dtype": cfg.llm_dtype, "max_frames": cfg.data.max_frames, "step": step}
+            "llm_dtype": cfg.llm_dtype, "connector_dtype": str(connector_dtype).removeprefix("torch."),
+            "max_frames": cfg.data.max_frames, "max_question_tokens": cfg.data.max_question_tokens, "step": step}
 
 
 def _to_device(batch: dict, device, dtype) -> dict:

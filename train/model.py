@@ -5,8 +5,9 @@ tokens per frame (p/4), ``q`` queries, ``L`` question tokens, ``d_v``/``d_q``/``
 and LLM widths.
 
 Trainable: the Q-Former, its query tokens, the relative-time embedding and the FFP. The LLM is frozen
-(``requires_grad=False``) and never saved in checkpoints. Padding is handled per sample: each sample
-contributes exactly its own ``n_i·q`` video tokens to the LLM, so padded frames never reach it.
+(``requires_grad=False``, always in eval mode, so its dropout never fires) and never saved in
+checkpoints. Padding is handled per sample: each sample contributes exactly its own ``n_i·q`` video
+tokens to the LLM, so padded frames never reach it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ class DualFocus(nn.Module):
         self.ffp = ffp
         self.llm = llm
         self.llm.requires_grad_(False)
+        self.llm.eval()
+
+    def train(self, mode: bool = True) -> "DualFocus":
+        """Train mode for the connector only: the frozen LLM stays in eval mode, so an LLM built with
+        dropout never applies it (``engine.train()`` and ``model.train()`` both come through here)."""
+        super().train(mode)
+        self.llm.eval()
+        return self
 
     # ------------------------------------------------------------------ connector
     def video_tokens(self, semantic: torch.Tensor, spatiotemporal: torch.Tensor, frame_mask: torch.Tensor,
@@ -138,9 +147,16 @@ class DualFocus(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
-def build_dualfocus(model_dir: str, connector_cfg=None, llm_dtype: str = "float32", seed: int = 0) -> DualFocus:
-    """Assemble DualFocus from a local InstructBLIP-layout directory (Q-Former initialised from it)."""
+def build_dualfocus(model_dir: str, connector_cfg=None, llm_dtype: str = "float32", seed: int = 0,
+                    llm_device: str = "cpu") -> DualFocus:
+    """Assemble DualFocus from a local InstructBLIP-layout directory (Q-Former initialised from it).
+
+    The LLM's tensors are read straight onto ``llm_device`` (no host copy of a 7B LLM when it is a GPU);
+    the small connector is built on the CPU and moved by the caller.
+    """
+    from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.models import load_config, load_llm, load_qformer
+    from dualfocus.train.checks import ModelLimits, connector_problems
     from dualfocus.train.config import ConnectorConfig
     from dualfocus.train.ffp import FocusFeatureProjector
     from dualfocus.train.semantic import SemanticStream
@@ -148,14 +164,15 @@ def build_dualfocus(model_dir: str, connector_cfg=None, llm_dtype: str = "float3
 
     cc = connector_cfg or ConnectorConfig()
     cfg = load_config(model_dir)
+    problems = connector_problems(ModelLimits.of(model_dir), cc.ffp_heads)  # before the (large) LLM loads
+    if problems:
+        raise UserError("; ".join(problems))
     qformer, query_tokens = load_qformer(model_dir)
-    llm = load_llm(model_dir, dtype=llm_dtype)
+    llm = load_llm(model_dir, dtype=llm_dtype, device=str(llm_device))
     d_v, d_q, d_l = cfg.vision_config.hidden_size, cfg.qformer_config.hidden_size, cfg.text_config.hidden_size
-    if d_l % cc.ffp_heads:
-        raise ValueError(f"connector.ffp_heads ({cc.ffp_heads}) must divide the LLM width ({d_l})")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         time_embedding = RelativeTimeEmbedding(d_v, n_positions=cc.time_positions)
         ffp = FocusFeatureProjector(d_q, d_v, d_l, n_blocks=cc.ffp_blocks, n_heads=cc.ffp_heads, dropout=cc.ffp_dropout,
-                                    gate_init=cc.gate_init)
+                                    gate_init=cc.gate_init, gate_kind=cc.gate_kind)
     return DualFocus(SemanticStream(qformer, query_tokens), time_embedding, ffp, llm)

@@ -24,8 +24,12 @@ class Prepared:
 
 
 def prepare_samples(store_path: str, qa_path: str, model_dir: str, with_answers: bool,
-                    max_answer_tokens: int = 256) -> Prepared:
-    """Open the store, check it fits the model, read and join the QA file, tokenise every sample."""
+                    max_answer_tokens: int = 256, max_question_tokens: int = 64) -> Prepared:
+    """Open the store, check it fits the model, read and join the QA file, tokenise every sample.
+
+    The context-length check needs the frame cap and, at inference, the tokens to generate; callers run
+    ``train.checks.check_context_length`` on ``Prepared.samples`` with those.
+    """
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.models import load_llm_tokenizer, load_qformer_tokenizer
     from dualfocus.pipeline.qa import read_eval_questions, read_training_qa
@@ -44,7 +48,8 @@ def prepare_samples(store_path: str, qa_path: str, model_dir: str, with_answers:
     llm_tok = load_llm_tokenizer(model_dir)
     q_tok = load_qformer_tokenizer(model_dir)
     prompt = PromptBuilder(llm_tok, max_answer_tokens=max_answer_tokens)
-    samples = tokenise(kept, count_frames(store), prompt, q_tok, with_answers=with_answers)
+    samples = tokenise(kept, count_frames(store), prompt, q_tok, with_answers=with_answers,
+                       max_question_tokens=max_question_tokens)
     return Prepared(samples=samples, report=report, store_info=store.info,
                     qformer_pad_id=q_tok.pad_token_id or 0, eos_token_id=llm_tok.eos_token_id,
                     pad_token_id=llm_tok.pad_token_id, tokenizer=llm_tok)

@@ -24,7 +24,8 @@ IGNORE_INDEX = -100
 @dataclass
 class PromptPieces:
     """Token ids of one sample: ``prefix`` (BOS + text before <video>), ``suffix`` (question up to
-    ``ASSISTANT:``) and ``answer`` (answer tokens + EOS; empty at inference)."""
+    ``ASSISTANT:``) and ``answer`` (answer tokens + EOS; empty at inference). An answer cut at
+    ``max_answer_tokens`` has no EOS: labelling one there would teach the model to stop mid-answer."""
 
     prefix: list[int]
     suffix: list[int]
@@ -64,5 +65,6 @@ class PromptBuilder:
             answer_ids = full[len(suffix):]
         else:  # a merge across the boundary: fall back to the answer tokenised on its own
             answer_ids = self._encode(" " + answer.strip())
-        answer_ids = answer_ids[: self.max_answer_tokens] + [self.tok.eos_token_id]
-        return PromptPieces(self.prefix_ids, suffix, answer_ids)
+        if len(answer_ids) > self.max_answer_tokens:
+            return PromptPieces(self.prefix_ids, suffix, answer_ids[: self.max_answer_tokens])  # cut: no EOS
+        return PromptPieces(self.prefix_ids, suffix, answer_ids + [self.tok.eos_token_id])

@@ -6,7 +6,10 @@ from dualfocus.train.loop import TrainSummary
 
 
 def print_train_summary(s: TrainSummary, console) -> None:
-    """Data usage, steps, loss first -> last, throughput, data wait and where the outputs are."""
+    """Data usage, steps, loss first -> last, throughput, data wait and where the outputs are (rank 0 only:
+    under a launcher every rank returns a summary, and the figures in it are already global)."""
+    if s.rank != 0:
+        return
     console.print(s.usable)
     resumed = f" (resumed at step {s.start_step})" if s.start_step else ""
     console.print(f"steps: {s.steps}{resumed} | loss {s.first_loss:.4f} -> {s.last_loss:.4f}")

@@ -41,8 +41,10 @@ class RelativeTimeEmbedding(nn.Module):
     Init: normal, std 0.02 -- the usual init for learned position tables (BERT, ViT, the Video-LLaMA
     frame-position embedding this follows). It is small next to the ViT features it is added to, so the
     motion stream starts almost unchanged, yet the 1000 rows differ from the first step. Exact identity
-    at init is not needed here: the FFP gates start at 0, so the motion path cannot move the output
-    at init anyway. (nn.Embedding's default N(0, 1) would swamp the features, so it is not kept.)
+    at init is not needed here: with the paper's zero-init FFP gates the motion path cannot move the
+    output at init anyway (and with open gates, as in the tiny recipe, the fused branch is random at
+    init whatever this table holds). nn.Embedding's default N(0, 1) would swamp the features, so it is
+    not kept.
 
     forward(motion [b, t, m, d], frame_mask [b, t] bool | None) -> [b, t, m, d]
     """
