@@ -84,7 +84,7 @@ def toy_corpus(out_dir: Path = typer.Argument(..., help="Directory for videos/, 
 
 @app.command("extract", epilog=_keys_epilog("dualfocus.extract.config", "ExtractConfig"))
 @friendly_errors
-def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/JSONL/Parquet with video_id, path."),
+def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/JSON/JSONL/Parquet with video_id, path."),
             overrides: Optional[list[str]] = OverridesArg,
             model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model directory."),
             out: Optional[str] = typer.Option(None, "--out", "-o", help="Feature store directory."),
@@ -175,13 +175,14 @@ def generate(store: str = typer.Argument(..., help="Feature store holding the qu
              config: Optional[Path] = ConfigOpt,
              greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding [sampling.greedy]."),
              batch_size: Optional[int] = typer.Option(None, help="Questions per batch [batch_size]."),
+             device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N [device]."),
              no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
     """Answer zero-shot QA questions from cached features with a trained connector."""
     from dualfocus.evaluate.generate import GenerateConfig, run_generate
     from dualfocus.pipeline.config import load_config
 
     values = _given(store=store, questions=questions, checkpoint=checkpoint, out=out, model=model,
-                    batch_size=batch_size)
+                    batch_size=batch_size, device=device)
     if greedy:
         values["sampling.greedy"] = True
     cfg = load_config(GenerateConfig, config, overrides or (), values)
@@ -227,12 +228,13 @@ def ask(video: str = typer.Argument(..., help="A video file."),
         checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-k", help="RUN_DIR/final export."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model dir (default: recorded)."),
         greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding [sampling.greedy]."),
+        device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N [device]."),
         config: Optional[Path] = ConfigOpt):
     """Answer one question about one video (decode, encode, connector, LLM in one process)."""
     from dualfocus.evaluate.ask import AskConfig, run_ask
     from dualfocus.pipeline.config import load_config
 
-    values = _given(checkpoint=checkpoint, model=model)
+    values = _given(checkpoint=checkpoint, model=model, device=device)
     if greedy:
         values["sampling.greedy"] = True
     cfg = load_config(AskConfig, config, overrides or (), values)

@@ -11,8 +11,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from dualfocus.evaluate.predictor import SamplingConfig
+
+# Q-Former question length of exports written before it was recorded (the value they were trained with).
+DEFAULT_QUESTION_TOKENS = 64
+from dualfocus.pipeline.devices import device_problem
 
 
 @dataclass
@@ -33,8 +38,10 @@ class GenerateConfig:
     """Questions per generation batch."""
     max_frames: int | None = None
     """Frames per video; null = the value the connector was trained with."""
-    llm_dtype: str | None = None
-    """LLM dtype; null = the training one."""
+    llm_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Dtype the connector and the LLM both run in; null = the one the checkpoint was trained with."""
+    device: str = "auto"
+    """"auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda" or "cuda:N"."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def check(self) -> list[str]:
@@ -43,6 +50,8 @@ class GenerateConfig:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_frames is not None and self.max_frames < 1:
             problems.append(f"max_frames must be >= 1 or null, got {self.max_frames}")
+        if problem := device_problem(self.device):
+            problems.append(f"device {problem}")
         return problems
 
 
@@ -72,11 +81,13 @@ def done_question_ids(path: Path) -> set[str]:
 
 def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     """Answer every question of ``cfg.questions`` not yet in ``cfg.out``; see module docstring."""
-    from dualfocus.evaluate.predictor import Predictor, check_export_matches
+    from dualfocus.evaluate.predictor import Predictor, check_export_matches, inference_dtype
     from dualfocus.pipeline.config import save_config
+    from dualfocus.pipeline.devices import resolve_device
     from dualfocus.pipeline.progress import count_progress
     from dualfocus.store import FeatureStore
     from dualfocus.train.checkpoint import read_export
+    from dualfocus.train.checks import ModelLimits, check_context_length
     from dualfocus.train.data import FeatureQADataset, collate
     from dualfocus.train.prepare import prepare_samples
 
@@ -84,7 +95,12 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     meta, _ = read_export(cfg.checkpoint)
     store = FeatureStore.open(cfg.store)
     model_dir = check_export_matches(meta, cfg.model, store.info["fingerprint"], cfg.checkpoint)
-    prepared = prepare_samples(cfg.store, cfg.questions, model_dir, with_answers=False)
+    resolve_device(cfg.device)                      # a device or dtype that cannot be had fails before any output
+    inference_dtype(meta, cfg.llm_dtype, cfg.checkpoint)
+    prepared = prepare_samples(cfg.store, cfg.questions, model_dir, with_answers=False,
+                               max_question_tokens=meta.get("max_question_tokens", DEFAULT_QUESTION_TOKENS))
+    max_frames = cfg.max_frames if cfg.max_frames is not None else meta["max_frames"]
+    check_context_length(prepared.samples, max_frames, ModelLimits.of(model_dir), frames_key="max_frames")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out.with_suffix(".config.yaml"))
@@ -96,8 +112,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     summary = GenerateSummary(out=str(out), total=prepared.report.total, written=0,
                               skipped=len(prepared.samples) - len(todo), missing=prepared.report.missing, seconds=0.0)
     if todo:
-        predictor = Predictor(cfg.checkpoint, model_dir, llm_dtype=cfg.llm_dtype)
-        max_frames = cfg.max_frames if cfg.max_frames is not None else meta["max_frames"]
+        predictor = Predictor(cfg.checkpoint, model_dir, dtype=cfg.llm_dtype, device=cfg.device)
         dataset = FeatureQADataset(cfg.store, todo, max_frames)
         with open(out, "a") as f, count_progress(len(todo), "generate", enabled=progress) as advance:
             for s in range(0, len(todo), cfg.batch_size):

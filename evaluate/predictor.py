@@ -59,21 +59,54 @@ def check_export_matches(meta: dict, model_dir: str | None, store_fingerprint: d
     return model_dir
 
 
-class Predictor:
-    """Loads base model + connector once; ``answer(batch)`` returns decoded strings."""
+def inference_dtype(meta: dict, override: str | None, export_path) -> str:
+    """The one dtype connector, LLM and features run in: ``override``, else the export's ``llm_dtype``.
 
-    def __init__(self, export_path: str | Path, model_dir: str, llm_dtype: str | None = None):
+    DeepSpeed bf16/fp16 training casts the connector to the LLM's dtype too, so that is the dtype the
+    connector was trained in; a connector trained in fp32 beside a bf16 LLM loses only rounding here.
+    """
+    from dualfocus.pipeline.devices import COMPUTE_DTYPES
+    from dualfocus.pipeline.errors import UserError
+
+    if override is not None:
+        name, where = override, "llm_dtype"
+    else:
+        name, where = meta.get("llm_dtype"), f"{Path(export_path) / 'dualfocus.json'}: llm_dtype"
+    if name not in COMPUTE_DTYPES:
+        raise UserError(f"{where} must be one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
+    return name
+
+
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters to ``dtype`` in place; buffers keep theirs (as DeepSpeed's bf16/fp16 cast does)."""
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+class Predictor:
+    """Loads base model + connector once; ``answer(batch)`` returns decoded strings.
+
+    Connector, LLM and features run in one dtype (``inference_dtype``) on one device (``device``: ``auto``
+    = CUDA when torch sees a GPU). A CPU-only machine runs the same code with ``torch.device("cpu")``.
+    """
+
+    def __init__(self, export_path: str | Path, model_dir: str, dtype: str | None = None, device: str = "auto"):
+        from dualfocus.pipeline.devices import resolve_device
         from dualfocus.pipeline.models import load_llm_tokenizer
         from dualfocus.train.checkpoint import read_export
         from dualfocus.train.config import ConnectorConfig
         from dualfocus.train.model import build_dualfocus
 
         self.meta, state = read_export(export_path)
-        self.model = build_dualfocus(model_dir, ConnectorConfig(**self.meta["connector"]),
-                                     llm_dtype=llm_dtype or self.meta["llm_dtype"])
-        self.model.load_trainable_state_dict(state)
-        self.model.eval()
-        self.dtype = next(self.model.llm.parameters()).dtype
+        self.device = resolve_device(device)
+        name = inference_dtype(self.meta, dtype, export_path)
+        self.dtype = getattr(torch, name)
+        model = build_dualfocus(model_dir, ConnectorConfig(**self.meta["connector"]), llm_dtype=name,
+                                llm_device=self.device)
+        model.load_trainable_state_dict(state)
+        cast_parameters(model, self.dtype)
+        self.model = model.to(self.device).eval()
         self.tokenizer = load_llm_tokenizer(model_dir)
 
     @torch.no_grad()
@@ -81,7 +114,9 @@ class Predictor:
         """Answers for a collated batch (``train.data.collate``), in batch order."""
         batch = dict(batch)
         for key in ("semantic", "spatiotemporal"):
-            batch[key] = batch[key].to(self.dtype)
+            batch[key] = batch[key].to(self.device, self.dtype)
+        for key in ("frame_mask", "qformer_ids", "qformer_mask"):
+            batch[key] = batch[key].to(self.device)
         torch.manual_seed(sampling.seed)
         ids = self.model.generate(batch, max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
                                   temperature=sampling.temperature, top_p=sampling.top_p,

@@ -41,14 +41,18 @@ class EncoderConfig:
     device: str = "auto"
     """"auto" (cuda when available), "cuda", "cuda:1" or "cpu"."""
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype the tower runs in; auto = bfloat16 on GPU, float32 on CPU."""
+    """Dtype the tower runs in; auto = bfloat16 on GPU, float32 on CPU. Resolved once and recorded in the
+    store's fingerprint (compute_dtype), so a store is never continued in another precision."""
     batch_frames: int = 32
     """Frames per encoder forward."""
     threads: int | None = None
     """torch intra-op threads in each encoder actor; null = torch's default."""
 
     def check(self) -> list[str]:
-        problems = []
+        from dualfocus.pipeline.devices import device_problem
+
+        problem = device_problem(self.device)
+        problems = [f"device {problem}"] if problem else []
         if self.batch_frames < 1:
             problems.append(f"batch_frames must be >= 1, got {self.batch_frames}")
         if self.threads is not None and self.threads < 1:
@@ -111,7 +115,7 @@ class ExtractConfig:
     """Everything ``dualfocus extract`` needs; the resolved copy is saved as STORE/extract_config.yaml."""
 
     corpus: str = ""
-    """Directory of videos, or a CSV/JSONL/Parquet table with video_id, path."""
+    """Directory of videos, or a CSV/JSON/JSONL/Parquet table with video_id, path."""
     model: str = ""
     """Local InstructBLIP-layout model directory (or one written by `dualfocus init-tiny`)."""
     out: str = ""

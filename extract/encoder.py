@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dualfocus.pipeline.devices import resolve_compute_dtype
+
 POOL_FACTOR = 4
 SEMANTIC_LAYER = "post_layernorm(last_hidden_state)"
 SPATIOTEMPORAL_LAYER = -2  # index into hidden_states (embeddings first, then one entry per block)
@@ -38,24 +40,39 @@ def encode_pixels(vision_model, pixel_values):
     return semantic, motion
 
 
+def planned_compute_dtype(device: str, compute_dtype: str, gpus_per_actor: float = 0.0) -> str:
+    """The dtype the encoder will run in, decided once by the extract driver (and recorded in the fingerprint).
+
+    ``compute_dtype`` ``auto`` becomes bfloat16 when the tower will sit on a GPU: ``device`` names one, or is
+    ``auto`` while GPUs are given to the encoder actors or seen here; float32 otherwise. The driver hands the
+    result to every encoder actor, so a store's fingerprint always names the precision its numbers came from.
+    """
+    if compute_dtype != "auto":
+        return resolve_compute_dtype(compute_dtype, on_gpu=False)
+    if device == "auto":
+        import torch
+
+        on_gpu = gpus_per_actor > 0 or torch.cuda.is_available()
+    else:
+        on_gpu = device.startswith("cuda")
+    return resolve_compute_dtype("auto", on_gpu)
+
+
 class FrameEncoder:
     """Loads the frozen vision tower once and turns uint8 frames into the two cached streams.
 
-    ``device`` is ``"cuda"``/``"cpu"``/``"auto"``; ``compute_dtype`` is the dtype the tower runs in
-    (bf16/fp16 on GPU, fp32 on CPU by default).
+    ``device`` is ``"auto"``/``"cpu"``/``"cuda"``/``"cuda:N"``; ``compute_dtype`` is the dtype the tower
+    runs in (``auto``: bfloat16 on a GPU, float32 on the CPU; see ``pipeline/devices.py``).
     """
 
     def __init__(self, model_dir: str | Path, device: str = "auto", compute_dtype: str = "auto"):
         import torch
 
+        from dualfocus.pipeline.devices import resolve_device
         from dualfocus.pipeline.models import load_image_spec, load_vision_model
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if compute_dtype == "auto":
-            compute_dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        self.device = torch.device(device)
-        self.dtype = getattr(torch, compute_dtype)
+        self.device = resolve_device(device, key="encoder.device")
+        self.dtype = getattr(torch, resolve_compute_dtype(compute_dtype, on_gpu=self.device.type == "cuda"))
         self.spec = load_image_spec(model_dir)
         self.model = load_vision_model(model_dir).to(self.device, self.dtype)
 
@@ -65,6 +82,7 @@ class FrameEncoder:
 
         from dualfocus.pipeline.models import normalize_frames
 
-        pixels = normalize_frames(torch.from_numpy(np.ascontiguousarray(frames)), self.spec)
-        semantic, motion = encode_pixels(self.model, pixels.to(self.device, self.dtype))
+        # Normalised and cast on the CPU, then moved: the same numbers on every device, half the bytes in bf16.
+        pixels = normalize_frames(torch.from_numpy(np.ascontiguousarray(frames)), self.spec, dtype=self.dtype)
+        semantic, motion = encode_pixels(self.model, pixels.to(self.device))
         return semantic.float().cpu().numpy(), motion.float().cpu().numpy()

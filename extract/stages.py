@@ -8,6 +8,8 @@ fails yields a single row whose ``error`` is set. Keys of a chunk row:
     n_frames int, duration_s float, native_fps float,
     timestamps float32 [k], frames uint8 [k, S, S, 3]            (after decoding)
     semantic [k, p+1, d], spatiotemporal [k, p/4, d]              (after encoding; frames dropped)
+
+``encode_video`` runs one video through the same two stages in-process, for ``dualfocus ask``.
 """
 
 from __future__ import annotations
@@ -58,12 +60,16 @@ def _reason(e: BaseException) -> str:
     return text if name == "DecodeError" and text else f"{name}: {text}" if text else name
 
 
-def encode_chunks(batch: dict[str, Any], encoder, batch_frames: int, out_dtype=np.float16) -> dict[str, Any]:
+def encode_chunks(batch: dict[str, Any], encoder, batch_frames: int, storage_dtype: str = "float16") -> dict[str, Any]:
     """Encode every frame of a batch of chunk rows, ``batch_frames`` frames per forward.
 
     ``encoder(frames uint8 [n, S, S, 3]) -> (semantic [n, p+1, d], spatiotemporal [n, p/4, d])``.
-    Returns the batch with ``frames`` replaced by ``semantic`` and ``spatiotemporal`` (per row).
+    Returns the batch with ``frames`` replaced by ``semantic`` and ``spatiotemporal`` (per row), in the
+    dtype they travel to a ``storage_dtype`` store in (``store.dtypes.transfer_dtype``).
     """
+    from dualfocus.store.dtypes import transfer_dtype
+
+    out_dtype = transfer_dtype(storage_dtype)
     frames = list(batch["frames"])
     counts = [len(f) for f in frames]
     out = {k: v for k, v in batch.items() if k != "frames"}
@@ -123,11 +129,15 @@ class DecodeStage:
     def __call__(self, item: dict) -> Iterator[dict]:
         yield from decode_chunks(item, self._decode, **self.kw)
 
+    def close(self) -> None:
+        """Stop the decoder child process (a Ray actor's ends with the actor)."""
+        self.worker.close()
+
 
 class EncodeStage:
     """Ray Data ``map_batches`` stage: chunk rows -> chunk rows with both feature streams."""
 
-    def __init__(self, model_dir: str, device: str, compute_dtype: str, batch_frames: int, out_dtype: str,
+    def __init__(self, model_dir: str, device: str, compute_dtype: str, batch_frames: int, storage_dtype: str,
                  threads: int | None):
         import torch
 
@@ -137,7 +147,24 @@ class EncodeStage:
             torch.set_num_threads(threads)
         self.encoder = FrameEncoder(model_dir, device=device, compute_dtype=compute_dtype)
         self.batch_frames = batch_frames
-        self.out_dtype = np.float16 if out_dtype == "float16" else np.float32
+        self.storage_dtype = storage_dtype
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return encode_chunks(batch, self.encoder, self.batch_frames, self.out_dtype)
+        return encode_chunks(batch, self.encoder, self.batch_frames, self.storage_dtype)
+
+
+def encode_video(item: dict, decode: DecodeStage, encode: EncodeStage) -> dict[str, Any]:
+    """One corpus row through extract's two stages in this process, its chunks joined (what ``ask`` runs).
+
+    Returns ``{"error", "semantic" [t, p+1, d], "spatiotemporal" [t, p/4, d], "timestamps" [t]}`` in the
+    transfer dtype, before the store's rounding; ``error`` is "" when fine, the arrays are absent otherwise.
+    """
+    parts: dict[str, list[np.ndarray]] = {"semantic": [], "spatiotemporal": [], "timestamps": []}
+    for row in decode(item):
+        if not row["error"]:
+            row = {k: v[0] for k, v in encode({k: [v] for k, v in row.items()}).items()}  # a batch of one row
+        if row["error"]:
+            return {"error": row["error"]}
+        for key, chunks in parts.items():
+            chunks.append(row[key])
+    return {"error": "", **{key: np.concatenate(chunks) for key, chunks in parts.items()}}
