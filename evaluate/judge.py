@@ -34,6 +34,8 @@ from typing import Iterable, Sequence
 from urllib import error as urlerror
 from urllib import request as urlrequest
 
+from dualfocus.pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
@@ -141,8 +143,12 @@ class JudgeResult:
         }
 
 
-class JudgeError(RuntimeError):
-    """The run was stopped; ``result`` holds what was judged before (also kept in the cache)."""
+class JudgeError(UserError):
+    """The run was stopped; ``result`` holds what was judged before (also kept in the cache).
+
+    A UserError: the fix is the user's (URL, model name, API key, a server to start), so the CLI prints
+    the one-line message and exits with status 2.
+    """
 
     def __init__(self, message: str, result: JudgeResult):
         super().__init__(message)
@@ -305,8 +311,13 @@ class _VerdictCache:
         self._file = None
         if path is None or not path.exists():
             return
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"judge.cache {path} cannot be read as a UTF-8 JSONL file "
+                            f"({getattr(e, 'strerror', None) or e})") from None
         bad = 0
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             if not line.strip():
                 continue
             try:
@@ -324,14 +335,29 @@ class _VerdictCache:
                            "score": verdict.score, "reply": reply}, ensure_ascii=False)
         with self._lock:
             if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                needs_newline = self.path.exists() and self.path.stat().st_size > 0 and \
-                    not self.path.read_bytes().endswith(b"\n")
-                self._file = self.path.open("a", encoding="utf-8")
-                if needs_newline:
-                    self._file.write("\n")
+                self._file = self._open()
             self._file.write(line + "\n")
             self._file.flush()
+
+    def open(self) -> None:
+        """Open the file for appending now, so an unwritable cache fails before any request is made."""
+        if self.path is not None:
+            with self._lock:
+                if self._file is None:
+                    self._file = self._open()
+
+    def _open(self):
+        """The cache opened for appending, on a line of its own (a killed run may have cut the last line)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            needs_newline = self.path.exists() and self.path.stat().st_size > 0 and \
+                not self.path.read_bytes().endswith(b"\n")
+            file = self.path.open("a", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"judge.cache {self.path} cannot be written ({e.strerror or e})") from None
+        if needs_newline:
+            file.write("\n")
+        return file
 
     def close(self) -> None:
         with self._lock:
@@ -442,6 +468,8 @@ def run_judge(items: Sequence[JudgeItem], cfg: JudgeConfig, cache_path: str | Pa
 
     run = _JudgeRun(cfg, cache)
     try:
+        if todo:
+            cache.open()
         with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="judge") as pool, \
                 _progress_bar(progress, len(todo)) as advance:
             futures = {pool.submit(run.judge, key, item): key for key, item in todo.items()}

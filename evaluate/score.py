@@ -35,6 +35,8 @@ from typing import Any
 from dualfocus.evaluate.judge import JudgeConfig, JudgeItem, run_judge
 from dualfocus.evaluate.metrics import offline_metrics
 from dualfocus.pipeline.config import ConfigError
+from dualfocus.pipeline.errors import UserError
+from dualfocus.pipeline.json_records import read_json_records
 
 log = logging.getLogger(__name__)
 
@@ -51,34 +53,6 @@ class ScoreConfig:
 # reading inputs
 
 
-def _read_records(path: Path) -> list[tuple[str, dict]]:
-    """Objects of a JSON list or a JSONL file, each with where it was found ("line 3", "item 3")."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        records = [(f"item {i}", obj) for i, obj in enumerate(data)]
-    else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {lineno} column {e.colno}: {e.msg}") from None
-            records.append((f"line {lineno}", obj))
-    for where, obj in records:
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: {where} must be a JSON object, got {type(obj).__name__}")
-    return records
-
-
 def _index(path: Path, records: list[tuple[str, dict]], required: tuple[str, ...]) -> dict[str, dict]:
     """question_id (as a string) -> record; missing keys and duplicate ids are errors."""
     out: dict[str, dict] = {}
@@ -86,10 +60,10 @@ def _index(path: Path, records: list[tuple[str, dict]], required: tuple[str, ...
     for where, obj in records:
         missing = [k for k in required if k not in obj]
         if missing:
-            raise ValueError(f"{path}: {where} lacks {', '.join(repr(k) for k in missing)}")
+            raise UserError(f"{path}: {where} lacks {', '.join(repr(k) for k in missing)}")
         qid = str(obj["question_id"]).strip()
         if qid in out:
-            raise ValueError(f"{path}: question_id {qid!r} appears twice ({seen_at[qid]} and {where})")
+            raise UserError(f"{path}: question_id {qid!r} appears twice ({seen_at[qid]} and {where})")
         out[qid], seen_at[qid] = obj, where
     return out
 
@@ -97,13 +71,13 @@ def _index(path: Path, records: list[tuple[str, dict]], required: tuple[str, ...
 def load_predictions(path: str | Path) -> dict[str, dict]:
     """question_id -> prediction record (needs ``question_id`` and ``pred``)."""
     path = Path(path)
-    return _index(path, _read_records(path), ("question_id", "pred"))
+    return _index(path, read_json_records(path), ("question_id", "pred"))
 
 
 def load_answers(path: str | Path) -> dict[str, dict]:
     """question_id -> answer record (needs ``question_id`` and ``answer``; ``type`` optional)."""
     path = Path(path)
-    return _index(path, _read_records(path), ("question_id", "answer"))
+    return _index(path, read_json_records(path), ("question_id", "answer"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,9 +94,10 @@ def run_score(preds_path: str | Path, answers_path: str | Path, out_path: str | 
               progress: bool = True) -> dict[str, Any]:
     """Score predictions against answers, write the JSON report to ``out_path`` and return it.
 
-    Raises ConfigError for an invalid ``cfg``, ValueError for malformed inputs or when no question id
-    is shared by both files, and judge.JudgeError when the judge stops the run (the verdicts obtained
-    are kept in the cache; no report is written).
+    Raises ConfigError for an invalid ``cfg``, UserError for malformed or unreadable inputs, when no
+    question id is shared by both files or when the report cannot be written, and judge.JudgeError (also
+    a UserError) when the judge stops the run (the verdicts obtained are kept in the cache; no report is
+    written). Every message is one line naming the file or key.
     """
     problems = [f"judge.{p}" for p in cfg.judge.check()]
     if problems:
@@ -135,8 +110,8 @@ def run_score(preds_path: str | Path, answers_path: str | Path, out_path: str | 
     only_preds = [qid for qid in preds if qid not in answers]
     only_answers = [qid for qid in answers if qid not in preds]
     if not matched:
-        raise ValueError(f"no question_id is shared by {preds_path} ({len(preds)} predictions) and "
-                         f"{answers_path} ({len(answers)} answers); e.g. {only_preds[:3]} vs {only_answers[:3]}")
+        raise UserError(f"no question_id is shared by {preds_path} ({len(preds)} predictions) and "
+                        f"{answers_path} ({len(answers)} answers); e.g. {only_preds[:3]} vs {only_answers[:3]}")
     if only_preds or only_answers:
         log.warning("%d prediction(s) have no answer and %d answer(s) have no prediction",
                     len(only_preds), len(only_answers))
@@ -164,8 +139,8 @@ def run_score(preds_path: str | Path, answers_path: str | Path, out_path: str | 
     if cfg.judge.url is not None:
         no_question = [qid for qid in matched if not isinstance(preds[qid].get("question"), str)]
         if no_question:
-            raise ValueError(f"{preds_path}: {len(no_question)} prediction(s) have no 'question' text, which "
-                             f"the judge needs (e.g. question_id {no_question[0]!r})")
+            raise UserError(f"{preds_path}: {len(no_question)} prediction(s) have no 'question' text, which "
+                            f"the judge needs (e.g. question_id {no_question[0]!r})")
         cache = Path(cfg.judge.cache) if cfg.judge.cache else default_cache_path(out_path)
         result = run_judge([JudgeItem(it["question_id"], it["question"], it["answer"], it["pred"]) for it in items],
                            cfg.judge, cache_path=cache, progress=progress)
@@ -180,10 +155,15 @@ def run_score(preds_path: str | Path, answers_path: str | Path, out_path: str | 
                          for qid in matched if qid in result.unjudged],
         }
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_path)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, out_path)
+    except OSError as e:
+        if tmp.is_file():  # leave nothing half-written behind
+            tmp.unlink()
+        raise UserError(f"cannot write the report {out_path}: {e.strerror or e}") from None
     return report
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dualfocus.extract.config import ExtractConfig
-from dualfocus.extract.encoder import POOL_FACTOR, SEMANTIC_LAYER, SPATIOTEMPORAL_LAYER
+from dualfocus.extract.encoder import POOL_FACTOR, SEMANTIC_LAYER, SPATIOTEMPORAL_LAYER, planned_compute_dtype
 
 
 @dataclass
@@ -57,6 +58,10 @@ def encoder_fingerprint(cfg: ExtractConfig) -> dict:
         "fps": cfg.decode.fps,
         "max_frames": cfg.decode.max_frames,
         "dtype": cfg.store.dtype,
+        # Stores written before these two keys existed lack them: StoreWriter refuses to continue one,
+        # naming the keys, since its precision and decoder are unknown; reading it needs neither.
+        "compute_dtype": planned_compute_dtype(cfg.encoder.device, cfg.encoder.compute_dtype, cfg.ray.gpus_per_actor),
+        "decode_backend": cfg.decode.backend,
     }
 
 
@@ -93,20 +98,55 @@ def stream_shapes(model_dir: str) -> tuple[tuple[int, int], tuple[int, int]]:
     return (p + 1, vc.hidden_size), (p // POOL_FACTOR, vc.hidden_size)
 
 
+def joins_cluster(cfg: ExtractConfig) -> str | None:
+    """The address of the Ray cluster extract joins, or None for a local Ray of its own.
+
+    Inside a Ray job (`ray job submit`) RAY_ADDRESS names the job's cluster: join it, as ray.init() does.
+    """
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def _init_ray(cfg: ExtractConfig):
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+    address = joins_cluster(cfg)
+    if address:
+        key = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+        _check_reachable(key, address)
+        try:
+            ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+        except ConnectionError as e:  # e.g. "auto" with no cluster running
+            from dualfocus.pipeline.errors import UserError
+
+            raise UserError(f"{key}={address}: {str(e).splitlines()[0]}") from None
         return
     # Locally, reserve exactly what the stages ask for (at least the machine's cores) so the actor
     # pools always fit, even on a 2-core laptop.
     wanted = cfg.ray.decode_workers * cfg.ray.decode_cpus + cfg.ray.encoder_actors * cfg.ray.encoder_cpus
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False,
              log_to_driver=True, configure_logging=True, logging_level="ERROR")
+
+
+def _check_reachable(key: str, address: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, naming the key, when nothing listens at a ``host:port`` Ray address.
+
+    Without this, ray.init retries an unreachable address for minutes, printing warnings.
+    """
+    import re
+    import socket
+
+    from dualfocus.pipeline.errors import UserError
+
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address.strip())
+    if match is None:  # "auto", or a form Ray resolves itself
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"{key}={address}: no Ray cluster answers there ({e.strerror or e})") from None
 
 
 def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
@@ -116,11 +156,14 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
 
     from dualfocus.extract.stages import DecodeStage, EncodeStage
     from dualfocus.pipeline.models import load_image_spec
+    from dualfocus.pipeline.progress import quiet_ray_data
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # a video's chunks reach the writer consecutively
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    quiet_ray_data(ctx)
+    # max_restarts (below) has no named parameter: Ray 2.60 warns that its **ray_remote_args route goes
+    # away in Ray 2.64 (ray-project/ray#65228). The warning is for us, not for the user running extract.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
     size = load_image_spec(cfg.model).size
     # Memory is bounded by batches, not by video length. Blocks: about one chunk each (Ray's default of
     # 128 MiB would let a long video pile up in the decoding actor and travel as one object). Buffering:
@@ -133,6 +176,12 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
     budget = max(32 * 2**20, 4 * cfg.encoder.batch_frames * frame_bytes * cfg.ray.encoder_actors)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
     rows_per_batch = max(1, cfg.encoder.batch_frames // cfg.decode.chunk_frames)
+    # Actor restarts. Ray Data always hands its actors their constructor arguments through the object
+    # store (ours are a few numbers and strings), and Ray logs an "E ... core_worker.cc" line for every
+    # restartable actor built that way: a false alarm (ray-project/ray#57733). On one machine a lost actor
+    # is a crash that restarting would not cure, so local runs turn restarts off and print no such line.
+    # On a cluster, where a node can be preempted, Ray Data's default (restart) is kept and the line shows.
+    restarts = {} if joins_cluster(cfg) else {"max_restarts": 0}
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 200)))
     ds = ds.flat_map(
         DecodeStage,
@@ -141,18 +190,21 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
                                    timeout_s=cfg.decode.timeout_s),
         compute=ActorPoolStrategy(size=cfg.ray.decode_workers),
         num_cpus=cfg.ray.decode_cpus,
+        **restarts,
     )
     ds = ds.map_batches(
         EncodeStage,
         fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), device=cfg.encoder.device,
-                                   compute_dtype=cfg.encoder.compute_dtype, batch_frames=cfg.encoder.batch_frames,
-                                   out_dtype="float32" if cfg.store.dtype == "float32" else "float16",
+                                   compute_dtype=planned_compute_dtype(cfg.encoder.device, cfg.encoder.compute_dtype,
+                                                                       cfg.ray.gpus_per_actor),
+                                   batch_frames=cfg.encoder.batch_frames, storage_dtype=cfg.store.dtype,
                                    threads=cfg.encoder.threads),
         batch_size=rows_per_batch,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=cfg.ray.encoder_actors, max_tasks_in_flight_per_actor=2),
         num_cpus=cfg.ray.encoder_cpus,
         num_gpus=cfg.ray.gpus_per_actor,
+        **restarts,
     )
     return ds
 

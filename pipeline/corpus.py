@@ -1,19 +1,21 @@
-"""Read a video corpus: a directory of videos, or a CSV / JSONL / Parquet table with ``video_id, path``.
+"""Read a video corpus: a directory of videos, or a CSV / JSONL / JSON / Parquet table with ``video_id, path``.
 
 Every problem a corpus can have that would waste a long extract run is reported up front, naming the
-file and the offending ids: duplicate ids, missing columns, an empty corpus. A path that does not exist
-is *not* an error here: that video becomes a ``failed`` manifest row like any other bad file.
+file and the offending ids or rows: duplicate ids, missing columns, an unreadable table, an empty corpus.
+A path that does not exist is *not* an error here: that video becomes a ``failed`` manifest row like any
+other bad file.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ts"}
-TABLE_EXTENSIONS = {".csv", ".jsonl", ".parquet"}
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
+                              ".3gp", ".ts", ".gif"})
+"""File extensions (lowercase) a directory corpus reads, and that QA files may add to a video's id."""
+TABLE_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
 
 
 class CorpusError(ValueError):
@@ -38,7 +40,7 @@ def read_corpus(source: str | Path) -> list[CorpusRow]:
     elif source.suffix.lower() in TABLE_EXTENSIONS:
         rows = _read_table(source)
     else:
-        raise CorpusError(f"{source}: a corpus is a directory of videos or a .csv/.jsonl/.parquet table")
+        raise CorpusError(f"{source}: a corpus is a directory of videos or a {'/'.join(TABLE_EXTENSIONS)} table")
     if not rows:
         raise CorpusError(f"no videos found in {source}")
     duplicates = sorted(vid for vid, n in Counter(r.video_id for r in rows).items() if n > 1)
@@ -58,32 +60,46 @@ def _scan_directory(root: Path) -> list[CorpusRow]:
 
 
 def _read_table(path: Path) -> list[CorpusRow]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(path).to_pylist()
-    elif suffix == ".csv":
-        import csv
-
-        with path.open(newline="", encoding="utf-8-sig") as f:  # tolerate the BOM spreadsheets write
-            records = list(csv.DictReader(f))
-    else:
-        records = []
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+    """Rows of a table file; relative video paths are taken relative to the table's directory."""
+    records = _table_records(path)
     rows = []
-    for i, rec in enumerate(records):
-        missing = [c for c in ("video_id", "path") if not isinstance(rec, dict) or rec.get(c) in (None, "")]
+    for where, rec in records:
+        missing = [c for c in ("video_id", "path") if rec.get(c) in (None, "")]
         if missing:
-            raise CorpusError(f"{path}: row {i + 1} has no {' or '.join(missing)} (columns needed: video_id, path)")
+            raise CorpusError(f"{path}: {where} has no {' or '.join(missing)} (columns needed: video_id, path)")
         video_path = Path(str(rec["path"]))
         if not video_path.is_absolute():
             video_path = path.absolute().parent / video_path  # relative to the table file
         rows.append(CorpusRow(video_id=str(rec["video_id"]), path=str(video_path)))
     return rows
+
+
+def _table_records(path: Path) -> list[tuple[str, dict]]:
+    """``(where, record)`` pairs of a CSV / JSON / JSONL / Parquet file; unreadable files are a CorpusError."""
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        from dualfocus.pipeline.errors import UserError
+        from dualfocus.pipeline.json_records import read_json_records
+
+        try:
+            return read_json_records(path)
+        except UserError as e:
+            raise CorpusError(str(e)) from None
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise CorpusError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        return [(f"row {i}", rec) for i, rec in enumerate(table.to_pylist(), start=1)]
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # tolerate the BOM spreadsheets write
+            return [(f"row {i}", rec) for i, rec in enumerate(csv.DictReader(f), start=1)]
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path} is not UTF-8 text (byte {e.start}); save the table as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise CorpusError(f"{path}: not a readable CSV file ({e})") from None

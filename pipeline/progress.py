@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Callable, Iterator
+
+
+def quiet_ray_data(ctx) -> None:
+    """Make Ray Data draw no bars and print only its warnings and errors; the stage draws its own bar.
+
+    ``ctx`` is the run's ``ray.data.DataContext``. Ray Data's notice that its bars are off is dropped (our
+    choice, not a problem); its INFO lines per dataset (plan, "execution finished in N s") go only to the
+    session's ``logs/ray-data*.log``; its warnings and errors still reach the console.
+    """
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # only speaks about bars
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; its file handlers keep everything
+            handler.setLevel(max(handler.level, logging.WARNING))
 
 
 @contextlib.contextmanager

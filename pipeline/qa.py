@@ -11,12 +11,13 @@ matched leniently by ``IdMatcher``; whatever stays unmatched is counted and repo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable
 
+from dualfocus.pipeline.corpus import VIDEO_EXTENSIONS
 from dualfocus.pipeline.errors import UserError
+from dualfocus.pipeline.json_records import read_json_records
 
 
 @dataclass(frozen=True)
@@ -29,39 +30,11 @@ class QAItem:
     question_id: str = ""
 
 
-def read_json_records(path: str | Path) -> list[dict]:
-    """A JSON list or JSONL file as a list of dicts; malformed input names the file and position."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    text = path.read_text()
-    if not text.strip():
-        raise UserError(f"{path} is empty")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: malformed JSON at line {lineno}, column {e.colno}: {e.msg}") from e
-    bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
-    if bad:
-        raise UserError(f"{path}: record {bad[0] + 1} is not a JSON object")
-    return records
-
-
-def _field(rec: dict, names: Iterable[str], path: Path, i: int) -> str:
+def _field(rec: dict, names: Iterable[str], path: Path, where: str) -> str:
     for name in names:
         if rec.get(name) not in (None, ""):
             return str(rec[name])
-    raise UserError(f"{path}: record {i + 1} has no {' / '.join(names)}")
+    raise UserError(f"{path}: {where} has no {' / '.join(names)}")
 
 
 def read_training_qa(path: str | Path) -> list[QAItem]:
@@ -70,9 +43,9 @@ def read_training_qa(path: str | Path) -> list[QAItem]:
     records = read_json_records(path)
     if not records:
         raise UserError(f"{path} holds no question-answer pairs")
-    return [QAItem(video_id=_field(r, ("video_id", "video_name", "video"), path, i),
-                   question=_field(r, ("q", "question"), path, i),
-                   answer=_field(r, ("a", "answer"), path, i)) for i, r in enumerate(records)]
+    return [QAItem(video_id=_field(r, ("video_id", "video_name", "video"), path, where),
+                   question=_field(r, ("q", "question"), path, where),
+                   answer=_field(r, ("a", "answer"), path, where)) for where, r in records]
 
 
 def read_eval_questions(path: str | Path) -> list[QAItem]:
@@ -81,9 +54,9 @@ def read_eval_questions(path: str | Path) -> list[QAItem]:
     records = read_json_records(path)
     if not records:
         raise UserError(f"{path} holds no questions")
-    items = [QAItem(video_id=_field(r, ("video_name", "video_id", "video"), path, i),
-                    question=_field(r, ("question", "q"), path, i),
-                    question_id=_field(r, ("question_id", "id"), path, i)) for i, r in enumerate(records)]
+    items = [QAItem(video_id=_field(r, ("video_name", "video_id", "video"), path, where),
+                    question=_field(r, ("question", "q"), path, where),
+                    question_id=_field(r, ("question_id", "id"), path, where)) for where, r in records]
     seen: set[str] = set()
     dupes = sorted({q.question_id for q in items if q.question_id in seen or seen.add(q.question_id)})
     if dupes:
@@ -91,16 +64,12 @@ def read_eval_questions(path: str | Path) -> list[QAItem]:
     return items
 
 
-_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".gif", ".m4v")
-
-
 def _variants(name: str) -> list[str]:
     """Spellings under which a QA file may refer to a video: as is, without extension, +/- ``v_``."""
     base = name.strip()
-    for ext in _EXTENSIONS:
-        if base.lower().endswith(ext):
-            base = base[: -len(ext)]
-            break
+    suffix = PurePosixPath(base).suffix
+    if suffix.lower() in VIDEO_EXTENSIONS:  # the extensions a directory corpus reads
+        base = base[: -len(suffix)]
     stem = base.rsplit("/", 1)[-1]
     out = [name, base, stem]
     for b in (base, stem):

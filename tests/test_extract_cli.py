@@ -26,7 +26,10 @@ def test_init_tiny_toy_corpus_extract_inspect(tmp_path):
     assert f"n_videos={N_VIDEOS}" in out
     assert len(list((toy / "videos").glob("*.mp4"))) == N_VIDEOS
 
-    out = run_cli("extract", toy / "videos", "--model", model, "--out", store, "--no-progress").stdout
+    proc = run_cli("extract", toy / "videos", "--model", model, "--out", store, "--no-progress")
+    out = proc.stdout
+    for noise in ("core_worker.cc", "Progress bars", "Traceback", "Deprecat"):  # nothing a user would read as
+        assert noise not in proc.stderr, proc.stderr[-3000:]                     # an error or a stray notice
     rows = read_all(store)
     frames, written = int(rows["length"].sum()), int(rows["bytes"].sum())
     assert f"videos: {N_VIDEOS} in corpus | ok {N_VIDEOS} | failed 0 | skipped 0" in out

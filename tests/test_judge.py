@@ -407,3 +407,18 @@ def test_run_score_refused_judge_writes_no_report(tmp_path):
         run_score(preds, answers, tmp_path / "r.json", ScoreConfig(judge=cfg_for(dead, max_retries=1)),
                   progress=False)
     assert not (tmp_path / "r.json").exists()
+
+
+def test_judge_errors_are_user_errors_and_an_unwritable_cache_fails_before_any_request(judge_server, tmp_path):
+    from dualfocus.pipeline.errors import USER_ERRORS
+
+    assert issubclass(JudgeError, USER_ERRORS) and issubclass(JudgeUnreachableError, USER_ERRORS)  # one line, exit 2
+    server = judge_server(fair)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache's folder should be")
+    with pytest.raises(USER_ERRORS, match=r"judge\.cache .*cache\.jsonl cannot be written"):
+        run_judge(ITEMS, cfg_for(server.url), cache_path=blocker / "cache.jsonl")
+    assert server.requests == []  # nothing asked, so nothing judged is lost
+    (tmp_path / "cache.jsonl").write_bytes(b'{"key": "\xff"}\n')
+    with pytest.raises(USER_ERRORS, match=r"judge\.cache .*cache\.jsonl cannot be read"):
+        run_judge(ITEMS, cfg_for(server.url), cache_path=tmp_path / "cache.jsonl")

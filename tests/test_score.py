@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from conftest import run_cli
 from rich.console import Console
 
 from dualfocus.evaluate.judge import JudgeConfig
 from dualfocus.evaluate.metrics import contains_match, exact_match, normalize_answer, offline_metrics
 from dualfocus.evaluate.score import ScoreConfig, format_report, load_answers, run_score
 from dualfocus.pipeline.config import ConfigError, load_config
+from dualfocus.pipeline.errors import UserError
 
 
 def write_jsonl(path, rows):
@@ -120,7 +123,7 @@ def test_answers_as_jsonl_and_per_type_off(qa_files, tmp_path):
 def test_no_overlap_names_both_files(qa_files, tmp_path):
     preds, _ = qa_files
     answers = write_jsonl(tmp_path / "other.jsonl", [{"question_id": "a", "answer": "x"}])
-    with pytest.raises(ValueError, match="no question_id is shared") as e:
+    with pytest.raises(UserError, match="no question_id is shared") as e:
         run_score(preds, answers, tmp_path / "r.json", ScoreConfig(), progress=False)
     assert str(preds) in str(e.value) and str(answers) in str(e.value)
     assert not (tmp_path / "r.json").exists()
@@ -130,28 +133,30 @@ def test_malformed_jsonl_names_file_and_line(qa_files, tmp_path):
     _, answers = qa_files
     preds = tmp_path / "bad.jsonl"
     preds.write_text('{"question_id": 0, "pred": "dog"}\n\n{"question_id": 1, "pred": "cat",}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl: invalid JSON at line 3 column \d+"):
+    with pytest.raises(UserError, match=r"bad\.jsonl: malformed JSON at line 3, column \d+"):
         run_score(preds, answers, tmp_path / "r.json", ScoreConfig(), progress=False)
 
 
 def test_malformed_json_list_names_file_and_position(tmp_path):
     answers = tmp_path / "test_a.json"
     answers.write_text('[\n  {"answer": "dog", "question_id": 0},\n  {"answer": "cat" "question_id": 1}\n]')
-    with pytest.raises(ValueError, match=r"test_a\.json: invalid JSON at line 3 column 20"):
+    with pytest.raises(UserError, match=r"test_a\.json: malformed JSON at line 3, column 20"):
         load_answers(answers)
 
 
 @pytest.mark.parametrize("content, message", [
-    ('[{"answer": "dog"}]', r"item 0 lacks 'question_id'"),
+    ('[{"answer": "dog"}]', r"record 1 lacks 'question_id'"),
     ('{"question_id": 1}\n', r"line 1 lacks 'answer'"),
-    ('[1, 2]', r"item 0 must be a JSON object"),
+    ('\n{"question_id": 1, "answer": "a"}\n\n{"question_id": 2}\n', r"line 4 lacks 'answer'"),
+    ('[1, 2]', r"record 1 is not a JSON object"),
+    ('', r"answers\.json is empty"),
     ('{"question_id": 1, "answer": "a"}\n{"question_id": "1", "answer": "b"}\n',
      r"question_id '1' appears twice \(line 1 and line 2\)"),
 ])
 def test_bad_answer_records(tmp_path, content, message):
     path = tmp_path / "answers.json"
     path.write_text(content)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         load_answers(path)
 
 
@@ -172,3 +177,46 @@ def test_run_score_rejects_invalid_config(qa_files, tmp_path):
     with pytest.raises(ConfigError, match="judge.max_retries must be >= 0"):
         run_score(preds, answers, tmp_path / "r.json", ScoreConfig(judge=JudgeConfig(max_retries=-1)),
                   progress=False)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound then released: nothing listens there afterwards
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["malformed_preds", "not_utf8_answers", "report_is_a_directory",
+                                  "judge_refuses", "judge_cache_is_a_directory"])
+def test_score_cli_errors_are_one_line_with_exit_2(qa_files, tmp_path, case):
+    preds, answers = qa_files
+    out = tmp_path / "report.json"
+    extra: list[str] = []
+    expected = {
+        "malformed_preds": r"bad\.jsonl: malformed JSON at line 2, column \d+",
+        "not_utf8_answers": r"latin1\.json is not UTF-8 text \(byte \d+\)",
+        "report_is_a_directory": r"cannot write the report .*report\.json",
+        "judge_refuses": r"judge at http://127\.0\.0\.1:\d+/v1 refused connections after 0 retries",
+        "judge_cache_is_a_directory": r"judge\.cache .*cache\.jsonl cannot be read",
+    }[case]
+    if case == "malformed_preds":
+        preds = tmp_path / "bad.jsonl"
+        preds.write_text('{"question_id": 0, "pred": "dog"}\n{"question_id": 1, "pred": "cat",}\n')
+    elif case == "not_utf8_answers":
+        answers = tmp_path / "latin1.json"
+        answers.write_bytes('[{"question_id": 0, "answer": "caf\u00e9"}]'.encode("latin-1"))
+    elif case == "report_is_a_directory":
+        out.mkdir()
+    else:
+        extra = ["--judge-url", f"http://127.0.0.1:{_closed_port()}/v1", "judge.max_retries=0"]
+        if case == "judge_cache_is_a_directory":
+            (tmp_path / "cache.jsonl").mkdir()
+            extra.append(f"judge.cache={tmp_path / 'cache.jsonl'}")
+    proc = run_cli("score", preds, answers, "--out", out, "--no-progress", *extra, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.strip().endswith(errors[0]), proc.stderr  # one line, at the end
+    assert re.search(expected, errors[0]), errors[0]
+    assert not out.is_file() and not (tmp_path / "report.json.tmp").exists()
