@@ -32,8 +32,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--ffp-heads", type=int, default=2)
     ap.add_argument("--max-frames", type=int, default=8)
-    ap.add_argument("--gate-init", type=float, default=0.0, help="FFP gate value at step 0 (recipe: 0)")
-    ap.add_argument("--gate-lr-scale", type=float, default=1.0, help="gate learning rate / base (recipe: 1)")
+    ap.add_argument("--gate-init", type=float, default=0.0, help="FFP gate value at step 0 (paper: 0; tiny recipe: 1)")
+    ap.add_argument("--gate-lr-scale", type=float, default=1.0, help="gate learning rate / base (paper: 1)")
     ap.add_argument("--gate-kind", choices=("linear", "tanh"), default="linear", help="s + g*c or s + tanh(g)*c")
     ap.add_argument("--time-init-std", type=float, default=None, help="re-initialise the time embedding at this std")
     ap.add_argument("--eval-every", type=int, default=100)
@@ -69,10 +69,8 @@ def main() -> None:
         seen_items.append({**item, "sample": dataclasses.replace(sample, text_ids=sample.text_ids[:n_prompt])})
     test_golds = [answers[item["sample"].question_id]["answer"] for item in test_items]
 
-    model = build_dualfocus(model_dir, ConnectorConfig(ffp_heads=args.ffp_heads, gate_init=args.gate_init),
-                            seed=args.seed)
-    for block in model.ffp.blocks:
-        block.gate_kind = args.gate_kind
+    connector = ConnectorConfig(ffp_heads=args.ffp_heads, gate_init=args.gate_init, gate_kind=args.gate_kind)
+    model = build_dualfocus(model_dir, connector, seed=args.seed)
     if args.time_init_std is not None:
         with torch.no_grad():
             model.time_embedding.embedding.weight.normal_(0.0, args.time_init_std)

@@ -149,6 +149,18 @@ def test_resume_with_another_config_names_every_differing_key(tmp_path):
     assert "data.batch_size" not in message
 
 
+def test_a_run_saved_before_a_key_existed_resumes_with_that_keys_default(tmp_path):
+    import yaml
+
+    run = fake_finished_run(base_config(tmp_path))
+    saved = yaml.safe_load((run / "train_config.yaml").read_text())
+    del saved["data"]["max_question_tokens"], saved["connector"]["gate_kind"]  # as an older version wrote it
+    (run / "train_config.yaml").write_text(yaml.safe_dump(saved))
+    check_resume(base_config(tmp_path), run, resume=True)
+    with pytest.raises(UserError, match=r"data.max_question_tokens \(64 -> 32\)"):
+        check_resume(base_config(tmp_path, "data.max_question_tokens=32"), run, resume=True)
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
     cfg = base_config(tmp_path)
     save_config(cfg, Path(cfg.out) / "train_config.yaml")

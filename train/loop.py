@@ -146,7 +146,9 @@ def check_resume(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
         return
     if not saved.is_file() or latest_complete_tag(run_dir) is None:
         raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
-    old = _flatten(yaml.safe_load(saved.read_text()))
+    # A key the saved config lacks was added to dualfocus after that run started; the run trained with the
+    # behaviour that key's default keeps, so a run begun on an older version still resumes.
+    old = {**_flatten(config_to_dict(TrainConfig())), **_flatten(yaml.safe_load(saved.read_text()))}
     new = _flatten(config_to_dict(cfg))
     differing = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
     if differing:
