@@ -126,8 +126,31 @@ def _init_ray(cfg: ExtractConfig):
     # Locally, reserve exactly what the stages ask for (at least the machine's cores) so the actor
     # pools always fit, even on a 2-core laptop.
     wanted = cfg.ray.decode_workers * cfg.ray.decode_cpus + cfg.ray.encoder_actors * cfg.ray.encoder_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False,
-             log_to_driver=True, configure_logging=True, logging_level="ERROR")
+    start_local_ray(lambda: ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False,
+                                     log_to_driver=True, configure_logging=True, logging_level="ERROR"))
+
+
+def start_local_ray(init, attempts: int = 3) -> None:
+    """Run ``init`` (a local ``ray.init``), retrying a start that timed out.
+
+    Ray gives its own raylet a fixed 30 s to register; on a machine busy with other work that can pass
+    while nothing is wrong, so a timed-out start is shut down cleanly and tried again. Still failing after
+    ``attempts`` is a one-line ``UserError`` (nothing has been written for this run's videos yet).
+    """
+    import ray
+
+    from dualfocus.pipeline.errors import UserError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            init()
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a start-up time-out
+            if "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            if attempt == attempts:
+                raise UserError(f"Ray could not start on this machine ({attempts} tries): {e}") from None
 
 
 def _check_reachable(key: str, address: str, timeout_s: float = 10.0) -> None:

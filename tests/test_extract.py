@@ -171,3 +171,37 @@ def test_a_corpus_without_videos_is_refused_before_any_work(tmp_path, tiny_model
     with pytest.raises(CorpusError, match="no videos found"):
         extract(tmp_path / "empty", tiny_model, tmp_path / "store")
     assert not (tmp_path / "store").exists()
+
+
+def test_a_local_ray_start_that_times_out_is_retried_then_reported(monkeypatch):
+    """Ray's own 30 s raylet wait can pass on a busy machine: retried after a clean shutdown, then one line."""
+    import ray
+
+    from dualfocus.extract.run import start_local_ray
+    from dualfocus.pipeline.errors import UserError
+
+    shutdowns = []
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    timeout = Exception("The current node timed out during startup. This could happen because some of the "
+                        "raylet failed to startup or the GCS has become overloaded.")
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 2:
+            raise timeout
+
+    start_local_ray(flaky)
+    assert (len(calls), len(shutdowns)) == (2, 1)
+
+    def always():
+        raise timeout
+
+    with pytest.raises(UserError, match=r"^Ray could not start on this machine \(3 tries\): The current node timed out"):
+        start_local_ray(always)
+
+    def other():
+        raise ValueError("not a start-up time-out")
+
+    with pytest.raises(ValueError):  # anything else is not ours to retry
+        start_local_ray(other)
