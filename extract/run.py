@@ -180,6 +180,7 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
     from dualfocus.extract.stages import DecodeStage, EncodeStage
     from dualfocus.pipeline.models import load_image_spec
     from dualfocus.pipeline.progress import quiet_ray_data
+    from dualfocus.store.dtypes import transfer_dtype
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # a video's chunks reach the writer consecutively
@@ -194,7 +195,7 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
     # the object store budget of the pipeline is capped at a few encoder batches (in and out) per
     # encoder actor, and each encoder actor holds at most 2 batches (one running, one queued).
     (p1, d), (m, _) = stream_shapes(cfg.model)
-    frame_bytes = size * size * 3 + (p1 + m) * d * (4 if cfg.store.dtype == "float32" else 2)
+    frame_bytes = size * size * 3 + (p1 + m) * d * transfer_dtype(cfg.store.dtype).itemsize
     ctx.target_max_block_size = cfg.decode.chunk_frames * size * size * 3
     budget = max(32 * 2**20, 4 * cfg.encoder.batch_frames * frame_bytes * cfg.ray.encoder_actors)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
