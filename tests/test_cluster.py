@@ -75,13 +75,14 @@ class LocalCluster:
         self._start_and_wait(2, f"--address=127.0.0.1:{self.gcs_port}")
 
     def _start_and_wait(self, n: int, *args: str) -> None:
-        """Start a node; once more if `ray start` gave up (it allows a raylet 30 s, short on a loaded machine)."""
-        for attempt in (1, 2):
+        """Start a node; again, up to 4 times in all, if `ray start` gave up: it allows a raylet a fixed 30 s to
+        register, which a machine at 10x its core count overruns twice in a row (seen at load 21 on 2 cores)."""
+        for attempt in range(1, 5):
             self.start_node(*args)
             try:
                 return self._wait_for_nodes(n)
             except RuntimeError:
-                if attempt == 2:
+                if attempt == 4:
                     raise
                 failed = self.nodes.pop()
                 _signal_group(failed.pid, signal.SIGKILL)

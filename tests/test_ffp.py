@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualfocus.train.ffp import FocusFeatureProjector, FusionBlock, MaskedAttention, joint_attention_mask
+from dualfocus.train.ffp import FocusFeatureProjector, FusionBlock, MaskedAttention
 from dualfocus.train.time_embedding import RelativeTimeEmbedding, relative_time_index
 
 D_SEM, D_MOTION, D_LLM, HEADS = 12, 20, 16, 4
@@ -84,21 +84,24 @@ def test_matches_plain_reference_of_the_design():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_joint_mask_values():
-    semantic_mask = torch.tensor([[True, True, False]])
-    motion_mask = torch.tensor([[True, False]])
-    allowed = joint_attention_mask(semantic_mask, motion_mask)[0].int()
-    # columns: s0 s1 s2(pad) m0 m1(pad)
-    want = torch.tensor(
-        [
-            [1, 1, 0, 1, 0],  # semantic rows: every valid token
-            [1, 1, 0, 1, 0],
-            [1, 1, 0, 1, 0],
-            [1, 1, 0, 0, 0],  # motion rows: valid semantic tokens only
-            [1, 1, 0, 0, 0],
-        ]
-    )
-    assert torch.equal(allowed, want)
+def test_joint_step_equals_one_attention_under_the_joint_mask():
+    """The joint step runs as two attention calls; it must equal one attention over [s ; m] under the
+    explicit (S+M) x (S+M) mask of the design, padding included."""
+    torch.manual_seed(2)
+    block = FusionBlock(D_LLM, HEADS).eval()
+    s, m = torch.randn(2, 4, D_LLM), torch.randn(2, 5, D_LLM)
+    s_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    m_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    keys = torch.cat([s_mask, m_mask], dim=1)  # [b, S+M]
+    semantic_rows = keys[:, None, :].expand(-1, 4, -1)  # every valid token
+    motion_rows = torch.cat([s_mask, torch.zeros_like(m_mask)], dim=1)[:, None, :].expand(-1, 5, -1)  # semantic only
+    allowed = torch.cat([semantic_rows, motion_rows], dim=1)  # [b, S+M, S+M]
+    with torch.no_grad():
+        s_c, m_next = block.joint(s, m, s_mask, m_mask)
+        x = torch.cat([s, m], dim=1)
+        x = block.joint_attn_norm(x + block.joint_attn(x, x, allowed))
+        want = block.joint_ffn_norm(x + block.joint_ffn(x))
+    torch.testing.assert_close(torch.cat([s_c, m_next], dim=1), want, rtol=0, atol=1e-6)
 
 
 def test_joint_step_motion_rows_ignore_other_motion_tokens():

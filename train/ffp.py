@@ -31,30 +31,12 @@ def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
 
-def key_padding_attention_mask(query_len: int, key_mask: torch.Tensor) -> torch.Tensor:
+def key_padding_attention_mask(key_mask: torch.Tensor) -> torch.Tensor:
     """Allow every query row to see every valid key.
 
-    key_mask: [b, L_k] bool, True = valid key.  Returns [b, L_q, L_k] bool, True = allowed.
+    key_mask: [b, L_k] bool, True = valid key.  Returns [b, 1, L_k] bool, True = allowed (broadcast over rows).
     """
-    return key_mask[:, None, :].expand(-1, query_len, -1)
-
-
-def joint_attention_mask(semantic_mask: torch.Tensor, motion_mask: torch.Tensor) -> torch.Tensor:
-    """Attention mask of the joint step over `x = [s ; m']`.
-
-    Semantic rows may attend to every valid semantic and motion token; motion rows may attend only to
-    valid semantic tokens (never to motion tokens, not even themselves).
-
-    semantic_mask: [b, S] bool, motion_mask: [b, M] bool (True = valid).
-    Returns [b, S+M, S+M] bool, True = allowed.
-    """
-    b, n_s = semantic_mask.shape
-    n_m = motion_mask.shape[1]
-    keys = torch.cat([semantic_mask, motion_mask], dim=1)  # [b, S+M]
-    semantic_rows = keys[:, None, :].expand(b, n_s, n_s + n_m)
-    semantic_only = torch.cat([semantic_mask, torch.zeros_like(motion_mask)], dim=1)
-    motion_rows = semantic_only[:, None, :].expand(b, n_m, n_s + n_m)
-    return torch.cat([semantic_rows, motion_rows], dim=1)
+    return key_mask[:, None, :]
 
 
 class MaskedAttention(nn.Module):
@@ -63,7 +45,8 @@ class MaskedAttention(nn.Module):
     A query row whose mask allows no key at all (e.g. a video with no valid motion tokens) returns
     zeros instead of the NaN a softmax over nothing would give.
 
-    forward(query [b, L_q, d], key_value [b, L_k, d], allowed [b, L_q, L_k] bool) -> [b, L_q, d]
+    forward(query [b, L_q, d], key_value [b, L_k, d], allowed [b, L_q, L_k] or [b, 1, L_k] bool) -> [b, L_q, d]
+    (a [b, 1, L_k] mask applies to every row without building the [b, L_q, L_k] matrix).
     """
 
     def __init__(self, dim: int, n_heads: int, dropout: float = 0.0):
@@ -149,10 +132,18 @@ class FusionBlock(nn.Module):
         semantic_mask: torch.Tensor,
         motion_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 2: masked joint attention + FFN over [s ; m]; returns (s_c [b, S, d], m_next [b, M, d])."""
+        """Step 2: masked joint attention + FFN over [s ; m]; returns (s_c [b, S, d], m_next [b, M, d]).
+
+        One attention layer over x = [s ; m] in which semantic rows see every valid token and motion rows
+        only valid semantic tokens. It runs as two calls of the same layer (semantic rows over [s ; m],
+        motion rows over s), the same numbers as one masked (S+M)^2 attention with S*(S+M) + M*S scores
+        instead of (S+M)^2, and no [b, S+M, S+M] mask.
+        """
         x = torch.cat([s, m], dim=1)  # [b, S+M, d]
-        allowed = joint_attention_mask(semantic_mask, motion_mask)
-        x = self.joint_attn_norm(x + self.drop(self.joint_attn(x, x, allowed)))
+        every_key = key_padding_attention_mask(torch.cat([semantic_mask, motion_mask], dim=1))  # [b, 1, S+M]
+        semantic_rows = self.joint_attn(s, x, every_key)  # [b, S, d]
+        motion_rows = self.joint_attn(m, s, key_padding_attention_mask(semantic_mask))  # [b, M, d]
+        x = self.joint_attn_norm(x + self.drop(torch.cat([semantic_rows, motion_rows], dim=1)))
         x = self.joint_ffn_norm(x + self.drop(self.joint_ffn(x)))
         return x.split([s.shape[1], m.shape[1]], dim=1)
 
@@ -164,12 +155,12 @@ class FusionBlock(nn.Module):
         motion_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # 1. motion self-attention
-        motion_keys = key_padding_attention_mask(m.shape[1], motion_mask)
+        motion_keys = key_padding_attention_mask(motion_mask)
         m = self.motion_norm(m + self.drop(self.motion_attn(m, m, motion_keys)))
         # 2. joint attention: semantic rows see all, motion rows see semantic only
         s_c, m_next = self.joint(s, m, semantic_mask, motion_mask)
         # 3. semantic queries cross-attend to the updated motion tokens
-        cross_keys = key_padding_attention_mask(s_c.shape[1], motion_mask)
+        cross_keys = key_padding_attention_mask(motion_mask)
         c = self.cross_attn_norm(s_c + self.drop(self.cross_attn(s_c, m_next, cross_keys)))
         c = self.cross_ffn_norm(c + self.drop(self.cross_ffn(c)))
         # 4. gated residual onto the semantic tokens
