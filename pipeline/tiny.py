@@ -54,8 +54,10 @@ class TinyModelConfig:
     """Patch size of the vision transformer."""
     qformer_width: int = 64
     """Q-Former width (InstructBLIP: 768)."""
-    qformer_layers: int = 2
-    """Q-Former layers; cross-attention every 2nd layer as in InstructBLIP."""
+    qformer_layers: int = 4
+    """Q-Former layers; cross-attention every 2nd layer as in InstructBLIP (12 layers, 6 with cross-attention).
+    4 gives two cross-attention layers: with one, the queries read the frame once and cannot refine what they
+    read, and the toy's direction question took ~2x the steps to be learned (README, "Toy learning")."""
     num_query_tokens: int = 32
     """Learned queries per frame (the paper's 32 tokens per second)."""
     llm_width: int = 64
