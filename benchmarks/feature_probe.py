@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CLASSES = {"color": ["red", "green", "blue", "yellow"], "shape": ["circle", "square", "triangle"]}
+from dualfocus.pipeline.toy import COLORS, SHAPES
+
+CLASSES = {"color": list(COLORS), "shape": list(SHAPES)}
 
 
 def labels(toy: Path) -> tuple[dict, list[str], list[str]]:
