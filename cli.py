@@ -62,11 +62,13 @@ def _given(**flags: Any) -> dict[str, Any]:
 @app.command("init-tiny")
 @friendly_errors
 def init_tiny(out_dir: Path = typer.Argument(..., help="Directory to write the tiny model to."),
-              seed: int = typer.Option(0, help="Seed for the random weights.")):
-    """Write a tiny random InstructBLIP-layout model (for tests, CI and the demo)."""
-    from dualfocus.pipeline.tiny import TinyModelConfig, write_tiny_model
+              seed: int = typer.Option(0, help="Seed for the random weights."),
+              family: str = typer.Option("eva", help="Encoder family: eva (the InstructBLIP-layout model), "
+                                                     "siglip, dinov2, clip or convnext (a vision tower only).")):
+    """Write a tiny random InstructBLIP-layout model (for tests, CI and the demo), or another family's encoder."""
+    from dualfocus.encoders.tiny import write_tiny_encoder
 
-    path = write_tiny_model(out_dir, TinyModelConfig(seed=seed))
+    path = write_tiny_encoder(out_dir, family, seed=seed)
     typer.echo(f"tiny model written to {path}")
 
 
@@ -92,7 +94,7 @@ def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/
             fps: Optional[float] = typer.Option(None, help="Frames sampled per second [decode.fps]."),
             max_frames: Optional[int] = typer.Option(None, help="Cap on frames per video [decode.max_frames]."),
             format: Optional[str] = typer.Option(None, "--format", help="zarr or webdataset [store.format]."),
-            dtype: Optional[str] = typer.Option(None, help="float16, bfloat16 or float32 [store.dtype]."),
+            dtype: Optional[str] = typer.Option(None, help="float16, bfloat16, float32 or int8 [store.dtype]."),
             batch_size: Optional[int] = typer.Option(None, help="Frames per encoder forward [encoder.batch_frames]."),
             decode_workers: Optional[int] = typer.Option(None, help="Decoding actors [ray.decode_workers]."),
             encoder_actors: Optional[int] = typer.Option(None, help="Encoder actors [ray.encoder_actors]."),
@@ -129,7 +131,7 @@ def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/
 @friendly_errors
 def inspect_store(store: str = typer.Argument(..., help="Feature store directory."),
                   as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
-    """Format, fingerprint, counts, frames, bytes per frame and failures of a feature store."""
+    """Sampling, then per stream group: fingerprint, taps (shape, dtype, bytes per frame), counts and failures."""
     from dualfocus.store.summary import print_summary, summarize
 
     info = summarize(store)
@@ -139,6 +141,16 @@ def inspect_store(store: str = typer.Argument(..., help="Feature store directory
         typer.echo(json.dumps(info, indent=2, default=str))
     else:
         print_summary(info, _console())
+
+
+@app.command("migrate")
+@friendly_errors
+def migrate(store: str = typer.Argument(..., help="A feature store written before stream groups (format 1).")):
+    """Make a format-1 store a format-2 store in place (moves its shards into groups/eva/; nothing re-encoded)."""
+    from dualfocus.store import migrate_v1
+
+    moved = migrate_v1(store)
+    typer.echo(f"{store}: moved {', '.join(moved)} into groups/eva/" if moved else f"{store} is already format 2")
 
 
 @app.command("train", epilog=_keys_epilog("dualfocus.train.config", "TrainConfig"))

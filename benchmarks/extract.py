@@ -221,7 +221,7 @@ def bench_model(kind: str, args, work: Path, corpus: Path) -> dict:
     assert summary.ok == len(videos) and summary.failed == 0, summary.failures
     after = encoder_only()
     encoder_fps = (before + after) / 2
-    disk = summarize(work / f"store-{kind}")
+    disk = summarize(work / f"store-{kind}")["groups"]["eva"]
     result = {
         "model": kind, "frames": n, "threads": args.threads,
         "decode_only_fps": n / decode_s,

@@ -1,6 +1,6 @@
 """How readable are colour and shape in a toy store's cached features? (a diagnostic, not a test)
 
-    python benchmarks/feature_probe.py --work DIR [--epochs 30] [--relate] [--pixels]
+    python benchmarks/feature_probe.py --work DIR [--epochs 30] [--relate] [--token-mlp] [--pixels]
 
 DIR holds `toy/` (from `dualfocus toy-corpus`) and `store/` (extract), e.g. what
 `benchmarks/toy_learning.py --dir DIR` leaves behind. A small reader is trained on the training clips and scored
@@ -9,7 +9,8 @@ them to the classes, logits are averaged over frames. That is a Q-Former-like re
 way (no LLM, no prompt), so it bounds what a connector can get from the features in this many examples.
 
 `--relate` puts one self-attention layer over the patch tokens before the queries (patches may look at each
-other before being read). `--pixels` reads the raw 14 px patches of the same frames (decoded with PyAV at
+other before being read). `--token-mlp` puts a per-token MLP (residual, 4x wide) before the queries instead: each
+patch token may be re-encoded non-linearly, alone, before it is read. `--pixels` reads the raw 14 px patches of the same frames (decoded with PyAV at
 1 fps, resized to 224 px) instead of the store: the control for "the tower loses it".
 """
 
@@ -61,10 +62,13 @@ def pixel_patches(path: Path, size: int = 224, patch: int = 14) -> torch.Tensor:
 class Reader(torch.nn.Module):
     """forward(tokens [t, n, d]) -> logits [classes] (mean over frames)."""
 
-    def __init__(self, d: int, n_classes: int, relate: bool, queries: int = 4):
+    def __init__(self, d: int, n_classes: int, relate: bool, token_mlp: bool = False, queries: int = 4):
         super().__init__()
         self.norm = torch.nn.LayerNorm(d)
         self.relate = torch.nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True) if relate else None
+        self.token_mlp = (
+            torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d)) if token_mlp else None
+        )
         self.queries = torch.nn.Parameter(torch.randn(queries, d) * 0.1)
         self.key, self.value = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
         self.head = torch.nn.Sequential(torch.nn.Linear(queries * d, 128), torch.nn.GELU(), torch.nn.Linear(128, n_classes))
@@ -73,6 +77,8 @@ class Reader(torch.nn.Module):
         x = self.norm(x)
         if self.relate is not None:
             x = self.relate(x)
+        if self.token_mlp is not None:
+            x = x + self.token_mlp(x)
         weights = torch.softmax(self.queries @ self.key(x).transpose(1, 2) / x.shape[-1] ** 0.5, dim=-1)  # [t, q, n]
         return self.head((weights @ self.value(x)).flatten(1)).mean(0)
 
@@ -82,6 +88,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--relate", action="store_true", help="one self-attention layer over the patches first")
+    ap.add_argument("--token-mlp", action="store_true", help="a per-token MLP over the patches first")
     ap.add_argument("--pixels", action="store_true", help="read raw pixel patches instead of the store")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -93,12 +100,12 @@ def main() -> None:
         from dualfocus.store import FeatureStore
 
         store = FeatureStore.open(args.work / "store")
-        tokens = {v: torch.as_tensor(store[v].semantic, dtype=torch.float32)[:, 1:] for v in train_ids + test_ids}
+        tokens = {v: torch.as_tensor(store.read(v, streams=["semantic"])["semantic"], dtype=torch.float32)[:, 1:] for v in train_ids + test_ids}
     d = next(iter(tokens.values())).shape[-1]
     print(f"{len(train_ids)} training clips, {len(test_ids)} held out, tokens {tuple(tokens[train_ids[0]].shape)}")
     for kind, classes in CLASSES.items():
         torch.manual_seed(args.seed)
-        reader = Reader(d, len(classes), args.relate)
+        reader = Reader(d, len(classes), args.relate, args.token_mlp)
         opt = torch.optim.AdamW(reader.parameters(), 2e-3, weight_decay=1e-2)
         target = {v: classes.index(by_video[v][kind]) for v in train_ids + test_ids}
 

@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
 
     prepared = prepare_samples(str(store_dir), str(qa), str(model_dir), with_answers=True)
     store = FeatureStore.open(store_dir)
-    fingerprint = store.info["fingerprint"]
-    paths = dict(zip(store.manifest["video_id"].astype(str), store.manifest["path"].astype(str)))
+    fingerprint = store.fingerprint(["semantic", "spatiotemporal"])
+    manifest = store.groups[store.group_info("semantic").name].manifest
+    paths = dict(zip(manifest["video_id"].astype(str), manifest["path"].astype(str)))
     encoder = FrameEncoder(str(model_dir), device=str(device))
 
     torch.manual_seed(0)

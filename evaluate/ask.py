@@ -68,14 +68,14 @@ def frame_settings(fingerprint: dict, export_path) -> FrameSettings:
     from dualfocus.extract.decode import BACKENDS
     from dualfocus.pipeline.devices import COMPUTE_DTYPES
     from dualfocus.pipeline.errors import UserError
-    from dualfocus.store.dtypes import STORAGE_DTYPES
+    from dualfocus.store.dtypes import FEATURE_DTYPES
 
     where = Path(export_path) / "dualfocus.json"
     fp = {**LEGACY_FINGERPRINT, **(fingerprint if isinstance(fingerprint, dict) else {})}
     missing = [k for k in ("fps", "max_frames", "image_size", "dtype") if k not in fp]
     if missing:
         raise UserError(f"{where}: store_fingerprint lacks {', '.join(missing)}; is it a dualfocus export?")
-    allowed = {"decode_backend": BACKENDS, "compute_dtype": ("auto", *COMPUTE_DTYPES), "dtype": STORAGE_DTYPES}
+    allowed = {"decode_backend": BACKENDS, "compute_dtype": ("auto", *COMPUTE_DTYPES), "dtype": FEATURE_DTYPES}
     for key, values in allowed.items():
         if fp[key] not in values:
             raise UserError(f"{where}: store_fingerprint.{key} must be one of {', '.join(values)}, got {fp[key]!r}")

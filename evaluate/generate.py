@@ -88,13 +88,14 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     from dualfocus.store import FeatureStore
     from dualfocus.train.checkpoint import read_export
     from dualfocus.train.checks import ModelLimits, check_context_length
-    from dualfocus.train.data import FeatureQADataset, collate
+    from dualfocus.train.data import DUALFOCUS_STREAMS, FeatureQADataset, check_store_streams, collate
     from dualfocus.train.prepare import prepare_samples
 
     start = time.perf_counter()
     meta, _ = read_export(cfg.checkpoint)
     store = FeatureStore.open(cfg.store)
-    model_dir = check_export_matches(meta, cfg.model, store.info["fingerprint"], cfg.checkpoint)
+    check_store_streams(store, DUALFOCUS_STREAMS, cfg.store, cfg.model or meta["base_model"])
+    model_dir = check_export_matches(meta, cfg.model, store.fingerprint(DUALFOCUS_STREAMS), cfg.checkpoint)
     resolve_device(cfg.device)                      # a device or dtype that cannot be had fails before any output
     inference_dtype(meta, cfg.llm_dtype, cfg.checkpoint)
     prepared = prepare_samples(cfg.store, cfg.questions, model_dir, with_answers=False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,8 +68,11 @@ class StoreConfig:
 
     format: Literal["zarr", "webdataset"] = "zarr"
     """Shard format: Zarr v3 (random access) or WebDataset tar (streaming)."""
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    """Storage dtype of the feature arrays."""
+    dtype: Literal["float16", "bfloat16", "float32", "int8"] = "float16"
+    """Storage dtype of the feature arrays (int8: symmetric, one float16 scale per token, about half of float16's
+    bytes; readers return floats)."""
+    group: str = "eva"
+    """Name of the stream group written (one per encoder; a store may hold several, see `dualfocus inspect`)."""
     videos_per_shard: int = 256
     """A shard is closed after this many videos (a video never spans shards)."""
     max_shard_mb: int = 2048
@@ -75,6 +80,8 @@ class StoreConfig:
 
     def check(self) -> list[str]:
         problems = []
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.group) or self.group == "timestamps":
+            problems.append(f"group must be letters, digits, '_' or '-' (not 'timestamps'), got {self.group!r}")
         if self.videos_per_shard < 1:
             problems.append(f"videos_per_shard must be >= 1, got {self.videos_per_shard}")
         if self.max_shard_mb < 1:
@@ -117,11 +124,17 @@ class ExtractConfig:
     corpus: str = ""
     """Directory of videos, or a CSV/JSON/JSONL/Parquet table with video_id, path."""
     model: str = ""
-    """Local InstructBLIP-layout model directory (or one written by `dualfocus init-tiny`)."""
+    """Local InstructBLIP-layout model directory (or one written by `dualfocus init-tiny`): the DualFocus group
+    (`store.group`, taps semantic and spatiotemporal). May be empty when `encoders` names the groups."""
+    encoders: dict = field(default_factory=dict)
+    """More stream groups from the same decode: {name: {model: DIR, taps: {name: tap}, image_size: null,
+    dtype: null}}. Families: eva (InstructBLIP/BLIP-2), siglip, dinov2, clip, convnext; taps: post_ln,
+    hidden[k], patches[k], pool4[k], grid, grid@HxW (default: the DualFocus pair for eva, grid otherwise)."""
     out: str = ""
     """Feature store directory to create or resume."""
     overwrite: bool = False
-    """Delete an existing store first (needed when its encoder fingerprint differs)."""
+    """Replace the stream group `store.group` first (needed when its encoder fingerprint differs); the store's other
+    groups stay."""
     limit: int | None = None
     """Process at most this many not-yet-extracted videos (a quick trial run)."""
     max_failures: int | float | None = 0.05
@@ -134,9 +147,11 @@ class ExtractConfig:
 
     def check(self) -> list[str]:
         problems = []
-        for name in ("corpus", "model", "out"):
+        for name in ("corpus", "out"):
             if not getattr(self, name):
                 problems.append(f"{name} is required")
+        if not self.model and not self.encoders:
+            problems.append("model is required (or encoders, naming the groups to write)")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit must be >= 1 or null, got {self.limit}")
         mf = self.max_failures

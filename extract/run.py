@@ -42,7 +42,7 @@ class ExtractSummary:
 
 
 def encoder_fingerprint(cfg: ExtractConfig) -> dict:
-    """Everything that changes the stored numbers; a store only ever holds one fingerprint."""
+    """Everything besides the frame sampling that changes the stored numbers; a group only ever holds one."""
     from dualfocus.pipeline.models import config_hash, load_image_spec
 
     spec = load_image_spec(cfg.model)
@@ -55,8 +55,6 @@ def encoder_fingerprint(cfg: ExtractConfig) -> dict:
         "image_size": spec.size,
         "image_mean": list(spec.mean),
         "image_std": list(spec.std),
-        "fps": cfg.decode.fps,
-        "max_frames": cfg.decode.max_frames,
         "dtype": cfg.store.dtype,
         # Stores written before these two keys existed lack them: StoreWriter refuses to continue one,
         # naming the keys, since its precision and decoder are unknown; reading it needs neither.
@@ -87,6 +85,11 @@ def check_vision_weights(model_dir: str) -> None:
                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
     if not any(name.startswith("vision_model.") for name in files):
         raise ModelLoadError(f"{model_dir} holds no vision tower weights (no tensor named vision_model.*)")
+
+
+def sampling(cfg: ExtractConfig) -> dict:
+    """The frame sampling every group of a store shares (``store.json``)."""
+    return {"fps": cfg.decode.fps, "max_frames": cfg.decode.max_frames}
 
 
 def stream_shapes(model_dir: str) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -264,7 +267,7 @@ def write_rows(rows, writer, summary: ExtractSummary, on_video=None) -> None:
                                                       duration_s=float(row["duration_s"]),
                                                       native_fps=float(row["native_fps"])))
             current = vid
-        writer.add_frames(row["semantic"], row["spatiotemporal"], row["timestamps"])
+        writer.add_frames({"semantic": row["semantic"], "spatiotemporal": row["spatiotemporal"]}, row["timestamps"])
         if row["last"]:
             result = writer.end_video()
             current = None
@@ -280,7 +283,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     from dualfocus.pipeline.config import save_config
     from dualfocus.pipeline.corpus import read_corpus
     from dualfocus.pipeline.progress import video_progress
-    from dualfocus.store import StoreWriter
+    from dualfocus.store import GroupWriter, TapInfo
 
     rows = read_corpus(cfg.corpus)                 # errors on duplicates / empty before any work
     fingerprint = encoder_fingerprint(cfg)         # errors on a bad model dir before any work
@@ -288,12 +291,13 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     sem_shape, mot_shape = stream_shapes(cfg.model)
     summary = ExtractSummary(store=cfg.out, total=len(rows))
     start = time.perf_counter()
-    writer = StoreWriter(cfg.out, format=cfg.store.format, dtype=cfg.store.dtype, fingerprint=fingerprint,
-                         semantic_shape=sem_shape, spatiotemporal_shape=mot_shape,
-                         videos_per_shard=cfg.store.videos_per_shard,
+    taps = {"semantic": TapInfo(sem_shape, cfg.store.dtype, "post_ln"),
+            "spatiotemporal": TapInfo(mot_shape, cfg.store.dtype, "pool4")}
+    writer = GroupWriter(cfg.out, cfg.store.group, taps=taps, fingerprint=fingerprint, sampling=sampling(cfg),
+                         format=cfg.store.format, videos_per_shard=cfg.store.videos_per_shard,
                          max_shard_bytes=cfg.store.max_shard_mb * 2**20, overwrite=cfg.overwrite)
     summary.removed_garbage = list(writer.removed_garbage())
-    save_config(cfg, Path(cfg.out) / "extract_config.yaml")
+    save_config(cfg, writer.dir / "extract_config.yaml")
     done = writer.done_ids()
     todo = [{"video_id": r.video_id, "path": r.path} for r in rows if r.video_id not in done]
     summary.skipped = len(rows) - len(todo)

@@ -38,7 +38,7 @@ class ImageSpec:
     std: tuple[float, float, float]
 
 
-def _model_dir(path: str | Path) -> Path:
+def checked_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model directory not found: {path}")
@@ -53,7 +53,7 @@ def load_config(path: str | Path):
     """The ``InstructBlipConfig`` of a model directory; a clear error when it is another kind of model."""
     from transformers import InstructBlipConfig
 
-    path = _model_dir(path)
+    path = checked_model_dir(path)
     try:
         raw = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
@@ -71,7 +71,7 @@ def config_hash(path: str | Path) -> str:
     """A short stable hash of config.json (part of the feature store's encoder fingerprint)."""
     import hashlib
 
-    raw = json.loads((_model_dir(path) / "config.json").read_text())
+    raw = json.loads((checked_model_dir(path) / "config.json").read_text())
     raw.pop("transformers_version", None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -112,7 +112,7 @@ def _open_weights(file: Path, device: str = "cpu"):
 
 def load_weights(path: str | Path, prefix: str) -> dict:
     """Tensors whose names start with ``prefix``, with the prefix stripped (only those are read)."""
-    path = _model_dir(path)
+    path = checked_model_dir(path)
     out = {}
     for file, names in _names_by_file(path, prefix).items():
         with _open_weights(file) as f:
@@ -160,7 +160,7 @@ def build_and_load(build, path: str | Path, prefix: str, what: str, dtype: str |
     """
     import torch
 
-    path = _model_dir(path)
+    path = checked_model_dir(path)
     cast_to = None if dtype is None else torch_dtype(dtype)
     with parameters_on_meta():
         module = build()
@@ -253,7 +253,7 @@ def load_llm_tokenizer(path: str | Path):
     """The LLM tokenizer at the top of the model directory (pad falls back to unk, then eos)."""
     from transformers import AutoTokenizer
 
-    path = _model_dir(path)
+    path = checked_model_dir(path)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
@@ -264,7 +264,7 @@ def load_qformer_tokenizer(path: str | Path):
     """The Q-Former (BERT-style) tokenizer from ``qformer_tokenizer/``."""
     from transformers import AutoTokenizer
 
-    sub = _model_dir(path) / "qformer_tokenizer"
+    sub = checked_model_dir(path) / "qformer_tokenizer"
     if not sub.is_dir():
         raise ModelLoadError(f"{path} has no qformer_tokenizer/ directory")
     return AutoTokenizer.from_pretrained(str(sub), local_files_only=True, use_fast=True)
@@ -272,7 +272,7 @@ def load_qformer_tokenizer(path: str | Path):
 
 def load_image_spec(path: str | Path) -> ImageSpec:
     """Square input size and normalisation of the vision tower, from preprocessor_config.json."""
-    path = _model_dir(path)
+    path = checked_model_dir(path)
     size = int(load_config(path).vision_config.image_size)
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     pre = path / "preprocessor_config.json"

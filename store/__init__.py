@@ -1,29 +1,37 @@
-"""Feature store: per-video encoder outputs in Zarr v3 (default) or WebDataset shards, a Parquet
-manifest, and a commit protocol that makes interrupted extraction runs resumable.
+"""Feature store: stream groups (one frozen encoder's named taps, or the pixels) of per-video arrays in Zarr v3
+(default) or WebDataset shards, a Parquet manifest per group, and a commit protocol that makes interrupted
+extraction runs resumable.
 
-    StoreWriter(root, fingerprint=..., semantic_shape=(P, D), spatiotemporal_shape=(M, D))  # write
-    FeatureStore.open(root)[video_id] -> VideoFeatures                                       # read
+    GroupWriter(root, "eva", taps={"semantic": (P, D), ...}, fingerprint=..., sampling=...)  # write a group
+    FeatureStore.open(root).read(video_id, frames, streams=["semantic"]) -> VideoFeatures    # read
     summarize(root) -> dict                                                                  # inspect
 """
 
 from .errors import NotAStoreError, StoreBusyError, StoreError, StoreMismatchError
+from .info import GroupInfo, TapInfo
 from .keys import safe_key
-from .protocols import Extent, ShardReader, ShardWriter
-from .reader import FeatureStore, VideoFeatures
+from .migrate import migrate_v1
+from .protocols import ArraySpec, Extent, ShardReader, ShardWriter
+from .reader import FeatureStore, MissingStreamError, VideoFeatures
 from .summary import summarize
-from .writer import StoreWriter
+from .writer import GroupWriter
 
 __all__ = [
+    "ArraySpec",
     "Extent",
     "FeatureStore",
+    "GroupInfo",
+    "GroupWriter",
+    "MissingStreamError",
     "NotAStoreError",
     "ShardReader",
     "ShardWriter",
     "StoreBusyError",
     "StoreError",
     "StoreMismatchError",
-    "StoreWriter",
+    "TapInfo",
     "VideoFeatures",
+    "migrate_v1",
     "safe_key",
     "summarize",
 ]

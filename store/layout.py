@@ -1,10 +1,10 @@
-"""Names and files of a store directory, `store.json`, and garbage collection of uncommitted shards.
+"""Names and files of a shard directory (a stream group's), and garbage collection of uncommitted shards.
 
-    STORE/
-      store.json                    format, dtype, shapes, encoder fingerprint
+    GROUP/                          STORE/groups/<name>/ (see `info.py`; a format-1 store is one at STORE/)
+      group.json                    kind, format, taps, encoder fingerprint
       manifest/part-000003.parquet  rows of the videos handled in batch 3
       shard-000003.zarr | .tar      features of batch 3 (absent if every row of the batch failed)
-      .writer.lock                  advisory lock held by the one active StoreWriter
+      .writer.lock                  advisory lock held by the one active GroupWriter
 
 A batch `i` is committed once `manifest/part-i.parquet` exists. Anything named `*.tmp-*` is a write in
 progress (or a crashed one), and a shard without its part is an uncommitted leftover.
@@ -22,7 +22,6 @@ from pathlib import Path
 
 from .errors import NotAStoreError
 
-FORMAT_VERSION = 1
 FORMATS = {"zarr": "zarr", "webdataset": "tar"}  # format name -> shard suffix
 STORE_JSON = "store.json"
 MANIFEST_DIR = "manifest"
@@ -72,10 +71,23 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def describe_mismatch(existing: dict, wanted: dict) -> list[str]:
-    """One line per differing key of store.json, nested fingerprint keys as `fingerprint.<key>`."""
+def create_json_once(path: Path, obj: dict) -> bool:
+    """Write `path` only if it does not exist yet (atomic, race-free between processes); True if written."""
+    tmp = Path(temp_name(str(path)))
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def describe_mismatch(existing: dict, wanted: dict, keys: tuple[str, ...]) -> list[str]:
+    """One line per differing key (among `keys`, then every fingerprint key as `fingerprint.<key>`)."""
     lines = []
-    for key in ("format_version", "format", "dtype", "semantic_shape", "spatiotemporal_shape"):
+    for key in keys:
         if existing.get(key) != wanted.get(key):
             lines.append(f"{key}: store has {existing.get(key)!r}, requested {wanted.get(key)!r}")
     old, new = existing.get("fingerprint") or {}, wanted.get("fingerprint") or {}
@@ -114,12 +126,12 @@ def remove_garbage(root: Path) -> list[str]:
     return sorted(removed)
 
 
-def clear_store(root: Path) -> None:
-    """Delete everything a store owns under `root` (store.json, manifest, shards); other files stay."""
+def clear_shards(root: Path, info_file: str) -> None:
+    """Delete what a shard directory owns (`info_file`, manifest, shards); other files, the lock included, stay."""
     root = Path(root)
     for entry in root.iterdir():
-        if entry.name in (STORE_JSON, MANIFEST_DIR) or _SHARD_RE.match(entry.name) \
-                or entry.name.startswith(STORE_JSON + ".tmp-"):
+        if entry.name in (info_file, MANIFEST_DIR) or _SHARD_RE.match(entry.name) \
+                or entry.name.startswith(info_file + ".tmp-"):
             _remove(entry)
 
 

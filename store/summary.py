@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import info as store_info
 from . import layout, manifest
+from .dtypes import FEATURE_DTYPES, on_disk_arrays
 
 
 def _disk_bytes(path: Path) -> int:
@@ -13,37 +15,55 @@ def _disk_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def summarize(path) -> dict:
-    """Counts and sizes of the store at `path`.
+def summarize_group(group: store_info.GroupInfo) -> dict:
+    """Counts and sizes of one group.
 
-    bytes: uncompressed stored bytes of ok videos (manifest); disk_bytes: size of all shard files;
-    bytes_per_frame: disk_bytes per ok frame; raw_fp16_bytes_per_frame: one frame's semantic and
-    spatiotemporal tokens in float16 plus its float32 timestamp, for comparison with the former.
+    bytes: uncompressed stored bytes of ok videos (manifest); disk_bytes: size of the group's shard files;
+    bytes_per_frame: disk_bytes per ok frame; raw_fp16_bytes_per_frame: one frame of every tap in float16
+    (exact taps at their own size) plus its float32 timestamp, for comparison with the former.
     """
-    root = Path(path)
-    info = layout.read_info(root)
-    rows = manifest.latest(manifest.read_all(root))
+    rows = manifest.latest(manifest.read_all(group.path))
     ok, failed = rows[rows["status"] == "ok"], rows[rows["status"] != "ok"]
-    shards = layout.shard_paths(root)
+    shards = layout.shard_paths(group.path)
     disk = sum(_disk_bytes(p) for p in shards)
     frames = int(ok["length"].sum())
-    (p, d), (m, d_st) = info["semantic_shape"], info["spatiotemporal_shape"]
+    arrays = group.arrays()
+    taps = {}
+    raw = 4
+    for name, tap in group.taps.items():
+        elements = 1
+        for n in tap.shape:
+            elements *= int(n)
+        stored = sum(arrays[key].frame_bytes() for key in on_disk_arrays(name, tap.shape, tap.dtype))
+        raw += elements * (2 if tap.dtype in FEATURE_DTYPES else arrays[name].dtype.itemsize)
+        taps[name] = {"shape": list(tap.shape), "dtype": tap.dtype, "spec": tap.spec, "bytes_per_frame": stored}
     return {
-        "path": str(root),
-        "format": info["format"],
-        "dtype": info["dtype"],
-        "fingerprint": info["fingerprint"],
-        "created": info.get("created"),
+        "name": group.name,
+        "kind": group.kind,
+        "format": group.format,
+        "legacy": group.legacy,
+        "fingerprint": group.fingerprint,
+        "created": group.created,
+        "taps": taps,
         "n_ok": len(ok),
         "n_failed": len(failed),
         "n_frames": frames,
         "bytes": int(ok["bytes"].sum()),
         "disk_bytes": disk,
         "bytes_per_frame": disk / frames if frames else 0.0,
-        "raw_fp16_bytes_per_frame": (p * d + m * d_st) * 2 + 4,
+        "raw_fp16_bytes_per_frame": raw,
         "shards": len(shards),
         "failures": [(v, e) for v, e in zip(failed["video_id"], failed["error"])],
     }
+
+
+def summarize(path) -> dict:
+    """The store at `path`: its sampling and one `summarize_group` entry per group."""
+    root = Path(path)
+    sampling, groups = store_info.read_groups(root)
+    version = store_info.read_store_json(root).get("format_version", 1)
+    return {"path": str(root), "format_version": version, "sampling": sampling,
+            "groups": {name: summarize_group(g) for name, g in groups.items()}}
 
 
 def _human(n: float) -> str:
@@ -57,16 +77,26 @@ def _human(n: float) -> str:
 def print_summary(summary: dict, console) -> None:
     """Print a `summarize` result on a rich `Console` (anything with `.print(text, markup=, highlight=)`)."""
     def say(text: str) -> None:
-        console.print(text, markup=False, highlight=False)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)  # long paths stay on one line
 
-    say(f"store: {summary['path']} ({summary['format']}, {summary['dtype']}, created {summary['created']})")
-    say("fingerprint: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["fingerprint"].items())))
-    say(f"videos: ok {summary['n_ok']} | failed {summary['n_failed']} | shards {summary['shards']}")
-    ratio = summary["bytes_per_frame"] / summary["raw_fp16_bytes_per_frame"]
-    say(f"frames: {summary['n_frames']} | on disk {_human(summary['disk_bytes'])} | "
-        f"{_human(summary['bytes_per_frame'])}/frame stored vs {_human(summary['raw_fp16_bytes_per_frame'])}"
-        f"/frame raw fp16 ({ratio:.2f}x)")
-    if summary["failures"]:
-        say(f"failures ({len(summary['failures'])}):")
-        for video_id, error in summary["failures"]:
-            say(f"  {video_id}: {error}")
+    sampling = ", ".join(f"{k}={v}" for k, v in summary["sampling"].items())
+    say(f"store: {summary['path']} (format {summary['format_version']}; sampling {sampling}; "
+        f"{len(summary['groups'])} group(s))")
+    if summary["format_version"] == 1:
+        say(f"  read-only: {store_info.migrate_hint(Path(summary['path']))}")
+    for name, g in summary["groups"].items():
+        say(f"group {name}: {g['kind']}, {g['format']}, created {g['created']}")
+        say("  fingerprint: " + ", ".join(f"{k}={v}" for k, v in sorted(g["fingerprint"].items())))
+        for tap, t in g["taps"].items():
+            spec = f" ({t['spec']})" if t["spec"] else ""
+            say(f"  tap {name}.{tap}{spec}: [t, {', '.join(map(str, t['shape']))}] {t['dtype']}, "
+                f"{_human(t['bytes_per_frame'])}/frame")
+        say(f"  videos: ok {g['n_ok']} | failed {g['n_failed']} | shards {g['shards']}")
+        ratio = g["bytes_per_frame"] / g["raw_fp16_bytes_per_frame"]
+        say(f"  frames: {g['n_frames']} | on disk {_human(g['disk_bytes'])} | "
+            f"{_human(g['bytes_per_frame'])}/frame stored vs {_human(g['raw_fp16_bytes_per_frame'])}"
+            f"/frame raw fp16 ({ratio:.2f}x)")
+        if g["failures"]:
+            say(f"  failures ({len(g['failures'])}):")
+            for video_id, error in g["failures"]:
+                say(f"    {video_id}: {error}")

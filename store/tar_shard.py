@@ -1,7 +1,7 @@
 """WebDataset backend: one tar per shard, one sample per video.
 
     shard-000003.tar
-      KEY.semantic.npy        [t, P, D]
+      KEY.semantic.npy        [t, P, D]   one member per array of the shard (a tap, its int8 scales, ...)
       KEY.spatiotemporal.npy  [t, M, D]
       KEY.timestamps.npy      [t] float32
       KEY.json                video_id, path, n_frames, duration_s, native_fps, length, dtype
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy
 
-from .protocols import ARRAY_NAMES, Extent
+from .protocols import TIMESTAMPS, ArraySpec, Extent
 
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -61,13 +61,10 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 class TarShardWriter:
     """Implements `ShardWriter` for WebDataset tars."""
 
-    def __init__(self, path: Path, *, dtype: np.dtype, semantic_shape: tuple[int, int],
-                 spatiotemporal_shape: tuple[int, int], attributes: dict):
+    def __init__(self, path: Path, *, arrays: dict[str, ArraySpec], attributes: dict):
         self.tar = tarfile.open(str(path), "w", format=tarfile.PAX_FORMAT, copybufsize=1 << 20)
         self.spool_dir = Path(f"{path}.spool")
-        self.tails = {"semantic": tuple(semantic_shape), "spatiotemporal": tuple(spatiotemporal_shape),
-                      "timestamps": ()}
-        self.dtypes = {"semantic": dtype, "spatiotemporal": dtype, "timestamps": np.dtype("<f4")}
+        self.specs = dict(arrays)
         self.attributes = attributes
         self.key = ""
         self.frames = 0
@@ -76,19 +73,19 @@ class TarShardWriter:
     def begin(self, key: str) -> None:
         self.spool_dir.mkdir(exist_ok=True)
         self.key, self.frames = key, 0
-        self.spools = {name: open(self.spool_dir / f"{name}.raw", "w+b") for name in ARRAY_NAMES}
+        self.spools = {name: open(self.spool_dir / f"{name}.raw", "w+b") for name in self.specs}
 
-    def add(self, semantic: np.ndarray, spatiotemporal: np.ndarray, timestamps: np.ndarray) -> None:
-        for name, arr in zip(ARRAY_NAMES, (semantic, spatiotemporal, timestamps)):
-            self.spools[name].write(memoryview(np.ascontiguousarray(arr)).cast("B"))
-        self.frames += len(timestamps)
+    def add(self, chunk: dict[str, np.ndarray]) -> None:
+        for name in self.specs:
+            self.spools[name].write(memoryview(np.ascontiguousarray(chunk[name])).cast("B"))
+        self.frames += len(chunk[TIMESTAMPS])
 
     def end(self, meta: dict) -> Extent:
-        for name in ARRAY_NAMES:
+        for name, spec in self.specs.items():
             spool = self.spools[name]
             size = spool.tell()
             spool.seek(0)
-            header = _npy_header(self.dtypes[name], (self.frames, *self.tails[name]))
+            header = _npy_header(spec.dtype, (self.frames, *spec.tail))
             self.tar.addfile(_tarinfo(f"{self.key}.{name}.npy", len(header) + size),
                              _Concat(header, spool))
         sidecar = {**meta, **self.attributes, "key": self.key, "length": self.frames}
@@ -131,11 +128,11 @@ class TarShardReader:
                 self._members = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
         return self._members
 
-    def read(self, extent: Extent, frame_indices: np.ndarray | None = None):
-        return tuple(self._read_npy(f"{extent.key}.{name}.npy", frame_indices) for name in ARRAY_NAMES)
+    def read(self, extent: Extent, names, frame_indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return {name: self._read_npy(f"{extent.key}.{name}.npy", frame_indices) for name in names}
 
     def order(self, extents: list[Extent]) -> list[Extent]:
-        return sorted(extents, key=lambda e: self.members[f"{e.key}.semantic.npy"][0])
+        return sorted(extents, key=lambda e: self.members[f"{e.key}.{TIMESTAMPS}.npy"][0])
 
     def _read_npy(self, member: str, frame_indices: np.ndarray | None) -> np.ndarray:
         if member not in self.members:

@@ -1,11 +1,13 @@
-"""`StoreWriter`: turns a stream of videos (each a stream of frame chunks) into committed shards.
+"""`GroupWriter`: turns a stream of videos (each a stream of frame chunks) into committed shards of one
+stream group of a store.
 
-Legend: k frames in a chunk, P = p+1 semantic tokens, M = p/4 spatiotemporal tokens, D width.
+Legend: k frames in a chunk; each tap has its own per-frame shape (e.g. semantic [P, D]).
 
-Commit protocol. Batch i is written to `shard-<i>.<ext>.tmp-<random>`, renamed to `shard-<i>.<ext>`
-once complete, and only then committed by writing `manifest/part-<i>.parquet` (itself temp + rename).
-Opening a store removes temp shards and shards without a part. One `StoreWriter` per store at a time
-(an advisory lock on `STORE/.writer.lock`), so one writer per shard, always.
+Commit protocol (per group). Batch i is written to `shard-<i>.<ext>.tmp-<random>`, renamed to
+`shard-<i>.<ext>` once complete, and only then committed by writing `manifest/part-<i>.parquet` (itself temp +
+rename). Opening a group removes its temp shards and shards without a part. One `GroupWriter` per group at a
+time (an advisory lock on `groups/<name>/.writer.lock`), so one writer per shard, always; writers of other
+groups of the same store never touch this group's files.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import info as store_info
 from . import layout, manifest
-from .dtypes import STORAGE_DTYPES, as_numpy, encode, on_disk_dtype
+from .dtypes import STORAGE_DTYPES, as_numpy, encode_tap
 from .errors import StoreBusyError, StoreMismatchError
+from .info import GROUP_JSON, GROUP_KINDS, SAMPLING_KEYS, GroupInfo, TapInfo
 from .keys import safe_key
-from .protocols import ShardWriter
+from .protocols import TIMESTAMPS, ShardWriter
 from .tar_shard import TarShardWriter
 from .zarr_shard import ZarrShardWriter
 
@@ -30,13 +34,27 @@ _BACKENDS = {"zarr": ZarrShardWriter, "webdataset": TarShardWriter}
 _META_KEYS = ("n_frames", "duration_s", "native_fps")
 
 
-def _check_args(format, dtype, fingerprint, semantic_shape, spatiotemporal_shape, videos_per_shard,
-                max_shard_bytes) -> None:
+def _check_args(group, kind, format, taps, fingerprint, sampling, videos_per_shard, max_shard_bytes) -> list[str]:
     problems = []
+    try:
+        store_info.check_name(group)
+    except ValueError as e:
+        problems.append(str(e))
+    if kind not in GROUP_KINDS:
+        problems.append(f"kind must be one of {list(GROUP_KINDS)}, got {kind!r}")
     if format not in _BACKENDS:
         problems.append(f"format must be one of {sorted(_BACKENDS)}, got {format!r}")
-    if dtype not in STORAGE_DTYPES:
-        problems.append(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+    if not taps:
+        problems.append("taps must name at least one array")
+    for name, tap in taps.items():
+        try:
+            store_info.check_name(name, "tap name")
+        except ValueError as e:
+            problems.append(str(e))
+        if tap.dtype not in STORAGE_DTYPES:
+            problems.append(f"tap {name!r}: dtype must be one of {list(STORAGE_DTYPES)}, got {tap.dtype!r}")
+        if not tap.shape or any(int(n) < 1 for n in tap.shape):
+            problems.append(f"tap {name!r}: shape must be positive ints, got {list(tap.shape)}")
     if not isinstance(fingerprint, dict):
         problems.append(f"fingerprint must be a dict, got {type(fingerprint).__name__}")
     else:
@@ -44,33 +62,43 @@ def _check_args(format, dtype, fingerprint, semantic_shape, spatiotemporal_shape
             json.dumps(fingerprint)
         except (TypeError, ValueError) as err:
             problems.append(f"fingerprint must be JSON-serialisable: {err}")
-    for name, shape in (("semantic_shape", semantic_shape), ("spatiotemporal_shape", spatiotemporal_shape)):
-        if len(tuple(shape)) != 2 or any(int(n) < 1 for n in shape):
-            problems.append(f"{name} must be two positive ints (tokens, width), got {shape!r}")
+    if set(sampling) != set(SAMPLING_KEYS):
+        problems.append(f"sampling must give exactly {list(SAMPLING_KEYS)}, got {sorted(sampling)}")
     if videos_per_shard < 1:
         problems.append(f"videos_per_shard must be >= 1, got {videos_per_shard}")
     if max_shard_bytes < 1:
         problems.append(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
-    if problems:
-        raise ValueError("invalid StoreWriter arguments:\n  " + "\n  ".join(problems))
+    return problems
+
+
+def _taps(taps: dict, dtype: str) -> dict[str, TapInfo]:
+    """Accept {name: TapInfo} or {name: shape} (stored in `dtype`)."""
+    return {name: tap if isinstance(tap, TapInfo) else TapInfo(tuple(int(n) for n in tap), dtype)
+            for name, tap in taps.items()}
 
 
 def _float_or_nan(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-class StoreWriter:
-    """Write videos into a feature store at `root`, resuming a compatible existing one.
+class GroupWriter:
+    """Write videos into stream group `group` of the store at `root`, resuming a compatible existing one.
 
     Usage:
-        with StoreWriter(root, fingerprint=fp, semantic_shape=(257, 1024),
-                         spatiotemporal_shape=(64, 1024)) as w:
+        with GroupWriter(root, "eva", taps={"semantic": (257, 1024), "spatiotemporal": (64, 1024)},
+                         fingerprint=fp, sampling={"fps": 1.0, "max_frames": 64}) as w:
             for vid in videos:
                 if vid.id in w.done_ids(): continue
                 w.begin_video(vid.id, vid.path, {"n_frames": ..., "duration_s": ..., "native_fps": ...})
-                for sem, spt, ts in chunks:   # [k, P, D], [k, M, D], [k]
-                    w.add_frames(sem, spt, ts)
+                for arrays, ts in chunks:   # {"semantic": [k, P, D], ...}, [k]
+                    w.add_frames(arrays, ts)
                 w.end_video()                 # or w.abort_video(str(err)); w.add_failed(...) for no frames
+
+    `taps` maps each tap to its per-frame shape (stored in `dtype`) or to a `TapInfo` (its own storage dtype,
+    e.g. uint8 pixels). The store's `store.json` is created by the first group; every later group must ask
+    for the same `sampling` (fps, max_frames), and an existing group the same kind, format, taps and
+    fingerprint, else `StoreMismatchError` names each differing key. `overwrite=True` replaces this group
+    only; other groups are never touched.
 
     Leaving the `with` block normally commits the open shard; leaving it by an exception does not (the
     temp shard is removed on the next open, and its videos are redone).
@@ -78,34 +106,42 @@ class StoreWriter:
     `max_shard_bytes` uncompressed bytes; a video never spans shards.
     """
 
-    def __init__(self, root, *, format: str = "zarr", dtype: str = "float16", fingerprint: dict,
-                 semantic_shape: tuple[int, int], spatiotemporal_shape: tuple[int, int],
-                 videos_per_shard: int = 256, max_shard_bytes: int = 2**30, overwrite: bool = False,
-                 frames_per_zarr_shard: int = 64):
-        _check_args(format, dtype, fingerprint, semantic_shape, spatiotemporal_shape, videos_per_shard,
-                    max_shard_bytes)
-        self.root = Path(root)
-        self.format, self.dtype = format, dtype
-        self.semantic_shape = tuple(int(n) for n in semantic_shape)
-        self.spatiotemporal_shape = tuple(int(n) for n in spatiotemporal_shape)
+    def __init__(self, root, group: str, *, taps: dict, fingerprint: dict, sampling: dict, kind: str = "encoder",
+                 format: str = "zarr", dtype: str = "float16", videos_per_shard: int = 256,
+                 max_shard_bytes: int = 2**30, overwrite: bool = False, frames_per_zarr_shard: int = 64):
+        taps = _taps(taps, dtype)
+        problems = _check_args(group, kind, format, taps, fingerprint, sampling, videos_per_shard, max_shard_bytes)
+        if problems:
+            raise ValueError("invalid GroupWriter arguments:\n  " + "\n  ".join(problems))
+        self.root, self.name = Path(root), group
+        self.dir = store_info.group_dir(self.root, group)
+        self.format, self.kind, self.taps = format, kind, taps
         self.videos_per_shard, self.max_shard_bytes = videos_per_shard, max_shard_bytes
         self.frames_per_zarr_shard = frames_per_zarr_shard
 
-        fingerprint = json.loads(json.dumps(fingerprint))   # as it will read back from store.json
-
+        fingerprint = json.loads(json.dumps(fingerprint))   # as it will read back from group.json
         self.root.mkdir(parents=True, exist_ok=True)
+        if store_info.is_v1_store(self.root):   # before anything is created inside it
+            raise StoreMismatchError(store_info.migrate_hint(self.root))
+        created = not self.dir.exists()
+        self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = self._acquire_lock()
         try:
+            self._check_store(dict(sampling), overwrite)
             if overwrite:
-                layout.clear_store(self.root)
-            self.info = self._open_info(fingerprint)
-            self._removed = layout.remove_garbage(self.root)
-            rows = manifest.latest(manifest.read_all(self.root))
+                layout.clear_shards(self.dir, GROUP_JSON)
+            self.info = self._open_group(fingerprint)
+            self._removed = layout.remove_garbage(self.dir)
+            rows = manifest.latest(manifest.read_all(self.dir))
         except BaseException:
             self._lock.close()
+            if created and [p.name for p in self.dir.iterdir()] == [layout.LOCK_FILE]:  # leave no empty group behind
+                (self.dir / layout.LOCK_FILE).unlink(missing_ok=True)
+                self.dir.rmdir()
             raise
+        self._arrays = self.info.arrays()
         self._done = set(rows.loc[rows["status"] == "ok", "video_id"])
-        parts = layout.part_indices(self.root)
+        parts = layout.part_indices(self.dir)
         self._index = parts[-1] + 1 if parts else 0
 
         self._rows: list[dict] = []        # rows of the open batch
@@ -117,30 +153,58 @@ class StoreWriter:
         self._closed = False
 
     # ---- setup -------------------------------------------------------------------------------------
+    def _check_store(self, sampling: dict, overwrite: bool) -> None:
+        """Create `store.json` or check that the store samples frames the way this group asks.
+
+        Other sampling is refused, naming each key, unless `overwrite` and this group is the store's only
+        one: then the store's sampling is replaced with the group.
+        """
+        path = self.root / layout.STORE_JSON
+        wanted = {"format_version": store_info.FORMAT_VERSION, "sampling": sampling, "created": layout.now_iso()}
+        if not path.is_file() and layout.create_json_once(path, wanted):
+            return
+        have = layout.read_info(self.root).get("sampling") or {}
+        differences = [f"{key}: store has {have.get(key)!r}, requested {sampling.get(key)!r}"
+                       for key in SAMPLING_KEYS if have.get(key) != sampling.get(key)]
+        if not differences:
+            return
+        others = [g for g in store_info.group_names(self.root) if g != self.name]
+        if overwrite and not others:
+            layout.write_json_atomic(path, wanted)
+            return
+        why = (f"its group(s) {', '.join(others)} were sampled that way" if others
+               else "every group of a store shares its frame sampling")
+        raise StoreMismatchError(
+            f"{self.root} samples frames otherwise (" + "; ".join(differences) + f"): {why}; use the store's values, "
+            "another store directory" + ("" if others else ", or --overwrite"))
+
     def _acquire_lock(self):
-        handle = open(self.root / layout.LOCK_FILE, "a")
+        handle = open(self.dir / layout.LOCK_FILE, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise StoreBusyError(f"another StoreWriter is writing {self.root}") from None
+            raise StoreBusyError(f"another writer is writing group {self.name!r} of {self.root}") from None
         return handle
 
-    def _open_info(self, fingerprint: dict) -> dict:
-        wanted = {"format_version": layout.FORMAT_VERSION, "format": self.format, "dtype": self.dtype,
-                  "fingerprint": fingerprint, "semantic_shape": list(self.semantic_shape),
-                  "spatiotemporal_shape": list(self.spatiotemporal_shape)}
-        if (self.root / layout.STORE_JSON).is_file():
-            existing = layout.read_info(self.root)
-            differences = layout.describe_mismatch(existing, wanted)
+    def _open_group(self, fingerprint: dict) -> GroupInfo:
+        wanted = GroupInfo(self.name, self.dir, self.kind, self.format, fingerprint, self.taps, layout.now_iso())
+        if (self.dir / GROUP_JSON).is_file():
+            existing = store_info.read_group(self.root, self.name)
+            def flat(g: GroupInfo) -> dict:
+                return {"kind": g.kind, "format": g.format, "fingerprint": g.fingerprint,
+                        **{f"taps.{name}": tap.to_json() for name, tap in g.taps.items()}}
+
+            have, want = flat(existing), flat(wanted)
+            keys = ("kind", "format", *sorted(k for k in set(have) | set(want) if k.startswith("taps.")))
+            differences = layout.describe_mismatch(have, want, keys)
             if differences:
                 raise StoreMismatchError(
-                    f"{self.root} holds a store written with other settings: " + "; ".join(differences)
-                    + " (rerun with --overwrite, or overwrite=True, to replace it)")
+                    f"group {self.name!r} of {self.root} was written with other settings: " + "; ".join(differences)
+                    + " (rerun with --overwrite, or overwrite=True, to replace this group; other groups stay)")
             return existing
-        info = {**wanted, "created": layout.now_iso()}
-        layout.write_json_atomic(self.root / layout.STORE_JSON, info)
-        return info
+        layout.write_json_atomic(self.dir / GROUP_JSON, wanted.to_json())
+        return wanted
 
     # ---- state -------------------------------------------------------------------------------------
     def done_ids(self) -> set[str]:
@@ -163,26 +227,34 @@ class StoreWriter:
             self._open_shard()
         self._shard.begin(self._video["key"])
 
-    def add_frames(self, semantic, spatiotemporal, timestamps) -> None:
-        """Append a chunk of the open video: semantic [k, P, D], spatiotemporal [k, M, D], timestamps [k]
-        (seconds). Any float dtype, numpy or torch; cast to the storage dtype."""
+    def add_frames(self, arrays: dict, timestamps) -> None:
+        """Append a chunk of the open video: one array per tap, each [k, *shape], and timestamps [k] (seconds).
+        Any float dtype, numpy or torch, for feature taps; cast to each tap's storage dtype."""
         if self._video is None:
             raise RuntimeError("add_frames called with no open video; call begin_video first")
-        sem, spt, ts = as_numpy(semantic), as_numpy(spatiotemporal), as_numpy(timestamps)
-        k = len(ts) if ts.ndim == 1 else len(sem)
-        problems = []
-        if ts.shape != (k,):
-            problems.append(f"timestamps must be [{k}], got {list(ts.shape)}")
-        if sem.shape != (k, *self.semantic_shape):
-            problems.append(f"semantic must be [{k}, {self.semantic_shape[0]}, {self.semantic_shape[1]}], "
-                            f"got {list(sem.shape)}")
-        if spt.shape != (k, *self.spatiotemporal_shape):
-            problems.append(f"spatiotemporal must be [{k}, {self.spatiotemporal_shape[0]}, "
-                            f"{self.spatiotemporal_shape[1]}], got {list(spt.shape)}")
+        ts = as_numpy(timestamps)
+        k = len(ts) if ts.ndim == 1 else -1
+        problems = [] if ts.ndim == 1 else [f"timestamps must be [k], got {list(ts.shape)}"]
+        missing, unknown = sorted(set(self.taps) - set(arrays)), sorted(set(arrays) - set(self.taps))
+        if missing or unknown:
+            problems.append(f"taps missing {missing}, unknown {unknown} (group {self.name!r} stores "
+                            f"{sorted(self.taps)})")
+        chunk = {}
+        for name, tap in self.taps.items():
+            if name not in arrays:
+                continue
+            x = as_numpy(arrays[name])
+            if x.shape != (k, *tap.shape):
+                problems.append(f"{name} must be {[k, *tap.shape]}, got {list(x.shape)}")
+                continue
+            try:
+                chunk.update(encode_tap(name, x, tap.dtype))
+            except ValueError as e:
+                problems.append(str(e))
         if problems:
             raise ValueError(f"add_frames for {self._video['video_id']!r}: " + "; ".join(problems))
-        self._shard.add(encode(sem, self.dtype), encode(spt, self.dtype),
-                        np.ascontiguousarray(ts, dtype=np.float32))
+        chunk[TIMESTAMPS] = np.ascontiguousarray(ts, dtype=np.float32)
+        self._shard.add(chunk)
 
     def end_video(self) -> dict:
         """Finish the open video; returns its (ok) manifest row. May commit the shard afterwards."""
@@ -229,7 +301,7 @@ class StoreWriter:
         self._release()
         return list(self._committed)
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> "GroupWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -242,10 +314,9 @@ class StoreWriter:
 
     def _open_shard(self) -> None:
         final = layout.shard_name(self._index, self.format)
-        self._shard_tmp = self.root / layout.temp_name(final)
-        kwargs = dict(dtype=on_disk_dtype(self.dtype), semantic_shape=self.semantic_shape,
-                      spatiotemporal_shape=self.spatiotemporal_shape,
-                      attributes={"dtype": self.dtype, "on_disk_dtype": str(on_disk_dtype(self.dtype))})
+        self._shard_tmp = self.dir / layout.temp_name(final)
+        kwargs = dict(arrays=self._arrays,
+                      attributes={"group": self.name, "dtypes": {k: v.dtype for k, v in self.taps.items()}})
         if self.format == "zarr":
             kwargs["frames_per_zarr_shard"] = self.frames_per_zarr_shard
         self._shard = _BACKENDS[self.format](self._shard_tmp, **kwargs)
@@ -254,8 +325,8 @@ class StoreWriter:
         """Complete and rename the shard (if any video reached it), then write the manifest part."""
         if self._shard is not None:
             self._shard.close()
-            os.replace(self._shard_tmp, self.root / layout.shard_name(self._index, self.format))
-        manifest.write_part(self.root, self._index, self._rows)
+            os.replace(self._shard_tmp, self.dir / layout.shard_name(self._index, self.format))
+        manifest.write_part(self.dir, self._index, self._rows)
         for row in self._rows:
             (self._done.add if row["status"] == "ok" else self._done.discard)(row["video_id"])
         self._committed.extend(self._rows)
@@ -283,13 +354,12 @@ class StoreWriter:
                 "shard": None, "start": 0, "length": 0, "bytes": 0}
 
     def _video_bytes(self, length: int) -> int:
-        """Uncompressed stored bytes of one video's three arrays."""
-        (p, d), (m, d_st) = self.semantic_shape, self.spatiotemporal_shape
-        return length * ((p * d + m * d_st) * on_disk_dtype(self.dtype).itemsize + 4)
+        """Uncompressed stored bytes of one video's arrays (taps, scales, timestamps)."""
+        return length * sum(spec.frame_bytes() for spec in self._arrays.values())
 
     def _check_writable(self) -> None:
         if self._closed:
-            raise RuntimeError(f"StoreWriter for {self.root} is closed")
+            raise RuntimeError(f"GroupWriter for group {self.name!r} of {self.root} is closed")
 
     def _release(self) -> None:
         self._closed = True

@@ -2,6 +2,7 @@
 
     shard-000003.zarr/
       semantic        [F, P, D]  chunk (1, P, D), sharding codec over `frames_per_zarr_shard` frames, zstd
+      semantic.scale  [F, P]     (int8 taps only) same chunking along frames
       spatiotemporal  [F, M, D]  same
       timestamps      [F]        float32, same chunking along frames
 
@@ -18,27 +19,23 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from .protocols import ARRAY_NAMES, Extent
+from .protocols import ArraySpec, Extent
 
 
 class ZarrShardWriter:
     """Implements `ShardWriter` for Zarr v3."""
 
-    def __init__(self, path: Path, *, dtype: np.dtype, semantic_shape: tuple[int, int],
-                 spatiotemporal_shape: tuple[int, int], attributes: dict,
+    def __init__(self, path: Path, *, arrays: dict[str, ArraySpec], attributes: dict,
                  frames_per_zarr_shard: int = 64, zstd_level: int = 3):
         self.group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attributes)
-        tails = {"semantic": tuple(semantic_shape), "spatiotemporal": tuple(spatiotemporal_shape),
-                 "timestamps": ()}
-        dtypes = {"semantic": dtype, "spatiotemporal": dtype, "timestamps": np.dtype("<f4")}
         s = frames_per_zarr_shard
         self.arrays = {
             name: self.group.create_array(
-                name, shape=(0, *tails[name]), dtype=dtypes[name], chunks=(1, *tails[name]),
-                shards=(s, *tails[name]), compressors=ZstdCodec(level=zstd_level), fill_value=0)
-            for name in ARRAY_NAMES
+                name, shape=(0, *spec.tail), dtype=spec.dtype, chunks=(1, *spec.tail),
+                shards=(s, *spec.tail), compressors=ZstdCodec(level=zstd_level), fill_value=0)
+            for name, spec in arrays.items()
         }
-        self.buffers = {name: np.empty((s, *tails[name]), dtypes[name]) for name in ARRAY_NAMES}
+        self.buffers = {name: np.empty((s, *spec.tail), spec.dtype) for name, spec in arrays.items()}
         self.frames_per_zarr_shard = s
         self.flushed = 0      # frames on disk; always a multiple of s until `close`
         self.buffered = 0     # frames in the buffers, to go at [flushed, flushed + buffered)
@@ -48,12 +45,11 @@ class ZarrShardWriter:
     def begin(self, key: str) -> None:
         self.key, self.video_start = key, self.flushed + self.buffered
 
-    def add(self, semantic: np.ndarray, spatiotemporal: np.ndarray, timestamps: np.ndarray) -> None:
-        chunk = dict(zip(ARRAY_NAMES, (semantic, spatiotemporal, timestamps)))
-        k, done = len(timestamps), 0
+    def add(self, chunk: dict[str, np.ndarray]) -> None:
+        k, done = len(next(iter(chunk.values()))), 0
         while done < k:
             take = min(k - done, self.frames_per_zarr_shard - self.buffered)
-            for name in ARRAY_NAMES:
+            for name in self.buffers:
                 self.buffers[name][self.buffered:self.buffered + take] = chunk[name][done:done + take]
             self.buffered += take
             done += take
@@ -86,20 +82,26 @@ class ZarrShardWriter:
 
 
 class ZarrShardReader:
-    """Implements `ShardReader` for Zarr v3; frame subsets read only the chunks they need."""
+    """Implements `ShardReader` for Zarr v3: an array is opened when first asked for, and frame subsets
+    read only the chunks they need."""
 
     def __init__(self, path: Path):
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
-        self.arrays = {name: group[name] for name in ARRAY_NAMES}
+        self.group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        self.arrays: dict[str, zarr.Array] = {}
 
-    def read(self, extent: Extent, frame_indices: np.ndarray | None = None):
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self.arrays:
+            self.arrays[name] = self.group[name]
+        return self.arrays[name]
+
+    def read(self, extent: Extent, names, frame_indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if frame_indices is None:
             window = slice(extent.start, extent.start + extent.length)
-            return tuple(self.arrays[name][window] for name in ARRAY_NAMES)
+            return {name: self._array(name)[window] for name in names}
         rows = extent.start + frame_indices
         if len(rows) == 0:
-            return tuple(self.arrays[name][0:0] for name in ARRAY_NAMES)
-        return tuple(self.arrays[name].oindex[rows] for name in ARRAY_NAMES)
+            return {name: self._array(name)[0:0] for name in names}
+        return {name: self._array(name).oindex[rows] for name in names}
 
     def order(self, extents: list[Extent]) -> list[Extent]:
         return sorted(extents, key=lambda e: e.start)

@@ -78,26 +78,33 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def store_fingerprint(store: Path) -> dict:
+    """What an export records of a DualFocus store: the default group's fingerprint plus the sampling."""
+    from dualfocus.store import FeatureStore
+    from dualfocus.train.data import DUALFOCUS_STREAMS
+
+    return FeatureStore.open(store).fingerprint(DUALFOCUS_STREAMS)
+
+
 def copy_store_with_overflow(src: Path, dst: Path, n_frames: int, failed: str | None = None) -> Path:
     """A copy of the store ``src`` at ``dst`` plus what an extract run can also leave behind, written with
     the store's own writer: a video ``overflow_clip`` of ``n_frames`` frames whose features are inf (as an
     fp16 overflow leaves them) and, when ``failed`` names one, a failed video of that id."""
-    import json
     import shutil
 
     import numpy as np
 
-    from dualfocus.store import StoreWriter
+    from dualfocus.store import FeatureStore, GroupWriter
 
     shutil.copytree(src, dst)
-    info = json.loads((dst / "store.json").read_text())
-    sem, mot = info["semantic_shape"], info["spatiotemporal_shape"]
-    with StoreWriter(dst, format=info["format"], dtype=info["dtype"], fingerprint=info["fingerprint"],
-                     semantic_shape=sem, spatiotemporal_shape=mot) as writer:
+    store = FeatureStore.open(dst)
+    group = store.group_info("semantic")
+    with GroupWriter(dst, group.name, taps=group.taps, fingerprint=group.fingerprint, sampling=store.sampling,
+                     format=group.format) as writer:
         if failed:
             writer.add_failed(failed, f"videos/{failed}.mp4", "DecodeError: moov atom not found")
         writer.begin_video("overflow_clip", "videos/overflow_clip.mp4", {"n_frames": n_frames, "duration_s": float(n_frames)})
-        writer.add_frames(np.full((n_frames, *sem), np.inf, np.float32), np.full((n_frames, *mot), np.inf, np.float32),
+        writer.add_frames({name: np.full((n_frames, *tap.shape), np.inf, np.float32) for name, tap in group.taps.items()},
                           np.arange(n_frames, dtype=np.float32))
         writer.end_video()
     return dst

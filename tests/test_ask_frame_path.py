@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import store_fingerprint
 from dualfocus.pipeline.errors import UserError
 
 
@@ -29,13 +30,13 @@ def _extract_cfg(corpus: Path, model: Path, out: Path, **values):
 def test_fingerprint_names_compute_dtype_and_decode_backend(toy_store, toy_corpus, tiny_model, tmp_path):
     from dualfocus.extract.run import encoder_fingerprint
 
-    stored = json.loads((toy_store / "store.json").read_text())["fingerprint"]
+    stored = store_fingerprint(toy_store)
     assert stored["compute_dtype"] == "float32" and stored["decode_backend"] == "decord"   # CPU, defaults
     other = encoder_fingerprint(_extract_cfg(toy_corpus / "videos", tiny_model, tmp_path / "s", **{
         "encoder.compute_dtype": "bfloat16", "decode.backend": "pyav"}))
     assert other["compute_dtype"] == "bfloat16" and other["decode_backend"] == "pyav"
     assert {k: v for k, v in other.items() if k not in ("compute_dtype", "decode_backend")} == \
-        {k: v for k, v in stored.items() if k not in ("compute_dtype", "decode_backend")}
+        {k: v for k, v in stored.items() if k not in ("compute_dtype", "decode_backend", "fps", "max_frames")}
 
 
 def test_store_begun_in_fp32_is_not_continued_in_bf16(toy_store, toy_corpus, tiny_model, tmp_path):
@@ -61,10 +62,11 @@ def test_store_from_before_the_new_keys_is_refused_naming_them_and_still_reads(t
 
     store = tmp_path / "store"
     shutil.copytree(toy_store, store)
-    info = json.loads((store / "store.json").read_text())
+    group_json = store / "groups" / "eva" / "group.json"
+    info = json.loads(group_json.read_text())
     for key in ("compute_dtype", "decode_backend"):
         del info["fingerprint"][key]
-    (store / "store.json").write_text(json.dumps(info))
+    group_json.write_text(json.dumps(info))
     before = _files(store)
     with pytest.raises(StoreMismatchError) as err:
         run_extract(_extract_cfg(toy_corpus / "videos", tiny_model, store), progress=False)
@@ -73,21 +75,21 @@ def test_store_from_before_the_new_keys_is_refused_naming_them_and_still_reads(t
     assert "fingerprint.decode_backend: store has '<missing>', requested 'decord'" in message
     assert "\n" not in message and _files(store) == before
     opened = FeatureStore.open(store)
-    assert len(opened[opened.manifest["video_id"].iloc[0]].timestamps) > 0
+    assert len(opened[opened.video_ids()[0]].timestamps) > 0
     # ask on a checkpoint trained on such a store: the keys fall back to that time's defaults
-    settings = frame_settings(info["fingerprint"], tmp_path / "final")
+    settings = frame_settings({**info["fingerprint"], **opened.sampling}, tmp_path / "final")
     assert settings.decode_backend == "decord" and settings.compute_dtype == "auto"
 
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"fps": "<drop>"}, "store_fingerprint lacks fps; is it a dualfocus export?"),
     ({"decode_backend": "ffmpeg"}, "store_fingerprint.decode_backend must be one of decord, pyav, got 'ffmpeg'"),
-    ({"dtype": "int4"}, "store_fingerprint.dtype must be one of float16, bfloat16, float32, got 'int4'"),
+    ({"dtype": "int4"}, "store_fingerprint.dtype must be one of float16, bfloat16, float32, int8, got 'int4'"),
 ])
 def test_bad_fingerprint_in_an_export_is_one_line_naming_the_file_and_key(toy_store, tmp_path, change, message):
     from dualfocus.evaluate.ask import frame_settings
 
-    fingerprint = json.loads((toy_store / "store.json").read_text())["fingerprint"]
+    fingerprint = store_fingerprint(toy_store)
     fingerprint = {k: v for k, v in {**fingerprint, **change}.items() if v != "<drop>"}
     with pytest.raises(UserError) as err:
         frame_settings(fingerprint, tmp_path / "final")
@@ -113,8 +115,8 @@ def test_ask_features_are_the_stored_features(toy_store, toy_corpus, tiny_model,
     for name in ("DecodeStage", "EncodeStage"):
         monkeypatch.setattr(stages, name, spy(name))
     store = FeatureStore.open(toy_store)
-    video_id = store.manifest["video_id"].iloc[0]
-    fingerprint = store.info["fingerprint"]
+    video_id = store.video_ids()[0]
+    fingerprint = store_fingerprint(toy_store)
     semantic, motion = video_features(str(toy_corpus / "videos" / f"{video_id}.mp4"), str(tiny_model),
                                       frame_settings(fingerprint, "final"), "cpu", 60.0)
     assert built["DecodeStage"]["backend"] == fingerprint["decode_backend"]
@@ -122,17 +124,17 @@ def test_ask_features_are_the_stored_features(toy_store, toy_corpus, tiny_model,
     assert built["EncodeStage"]["compute_dtype"] == fingerprint["compute_dtype"]
     assert built["EncodeStage"]["storage_dtype"] == fingerprint["dtype"] == "float16"
     stored = store[video_id]
-    assert semantic.dtype == stored.semantic.dtype == np.float16
-    assert semantic.shape == stored.semantic.shape and motion.shape == stored.spatiotemporal.shape
+    assert semantic.dtype == stored["semantic"].dtype == np.float16
+    assert semantic.shape == stored["semantic"].shape and motion.shape == stored["spatiotemporal"].shape
     # Encoder batches differ (extract batches frames of several videos): allow one fp16 step, no more.
-    np.testing.assert_allclose(semantic, stored.semantic, rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(motion, stored.spatiotemporal, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(semantic, stored["semantic"], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(motion, stored["spatiotemporal"], rtol=2e-3, atol=2e-3)
 
 
 def test_ask_on_a_missing_video_is_one_line_naming_it(toy_store, tiny_model, tmp_path):
     from dualfocus.evaluate.ask import frame_settings, video_features
 
-    settings = frame_settings(json.loads((toy_store / "store.json").read_text())["fingerprint"], "final")
+    settings = frame_settings(store_fingerprint(toy_store), "final")
     with pytest.raises(UserError) as err:
         video_features(str(tmp_path / "gone.mp4"), str(tiny_model), settings, "cpu", 60.0)
     assert str(err.value) == f"cannot read video {tmp_path / 'gone.mp4'}: file not found"
@@ -154,24 +156,24 @@ def _one_row_batch(n: int) -> dict:
 
 def test_bf16_store_never_passes_through_fp16(tmp_path):
     from dualfocus.extract.stages import encode_chunks
-    from dualfocus.store import FeatureStore, StoreWriter
+    from dualfocus.store import FeatureStore, GroupWriter
     from dualfocus.store.dtypes import round_trip
 
     out = encode_chunks(_one_row_batch(2), BigEncoder(), batch_frames=8, storage_dtype="bfloat16")
     semantic, motion = out["semantic"][0], out["spatiotemporal"][0]
     assert semantic.dtype == np.float32
-    with StoreWriter(tmp_path, dtype="bfloat16", fingerprint={}, semantic_shape=(3, 2),
-                     spatiotemporal_shape=(1, 2)) as writer:
+    with GroupWriter(tmp_path, "eva", dtype="bfloat16", fingerprint={}, taps={"semantic": (3, 2), "spatiotemporal": (1, 2)},
+                     sampling={"fps": 1.0, "max_frames": None}) as writer:
         writer.begin_video("v", "v.mp4", {"n_frames": 2, "duration_s": 2.0, "native_fps": 1.0})
-        writer.add_frames(semantic, motion, np.arange(2, dtype=np.float32))
+        writer.add_frames({"semantic": semantic, "spatiotemporal": motion}, np.arange(2, dtype=np.float32))
         writer.end_video()
     stored = FeatureStore.open(tmp_path)["v"]
-    assert np.isfinite(stored.semantic).all() and np.isfinite(stored.spatiotemporal).all()
-    np.testing.assert_allclose(stored.semantic, 1.0e5, rtol=2 ** -8)
-    np.testing.assert_allclose(stored.spatiotemporal, -7.0e4, rtol=2 ** -8)
+    assert np.isfinite(stored["semantic"]).all() and np.isfinite(stored["spatiotemporal"]).all()
+    np.testing.assert_allclose(stored["semantic"], 1.0e5, rtol=2 ** -8)
+    np.testing.assert_allclose(stored["spatiotemporal"], -7.0e4, rtol=2 ** -8)
     # ask's rounding is the writer's + the reader's, bit for bit
-    np.testing.assert_array_equal(round_trip(semantic, "bfloat16"), stored.semantic)
-    np.testing.assert_array_equal(round_trip(motion, "bfloat16"), stored.spatiotemporal)
+    np.testing.assert_array_equal(round_trip(semantic, "bfloat16"), stored["semantic"])
+    np.testing.assert_array_equal(round_trip(motion, "bfloat16"), stored["spatiotemporal"])
 
     fp16 = encode_chunks(_one_row_batch(1), BigEncoder(), batch_frames=8, storage_dtype="float16")
     assert fp16["semantic"][0].dtype == np.float16   # a float16 store travels as float16 (its own rounding)

@@ -189,7 +189,7 @@ def test_extract_submitted_as_a_ray_job_to_a_two_node_cluster(ray_cluster, tiny_
           f"--- job logs\n{logs}---")
 
     # every video stored exactly once, and readable
-    rows = read_all(store)
+    rows = read_all(store / "groups" / "eva")
     assert sorted(rows["video_id"]) == videos and set(rows["status"]) == {"ok"}
     assert sorted(FeatureStore.open(store).video_ids()) == videos
     assert f"videos: {len(videos)} in corpus | ok {len(videos)} | failed 0 | skipped 0" in logs

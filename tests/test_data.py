@@ -65,10 +65,11 @@ def test_bad_qa_files_are_refused_naming_file_and_place(tmp_path, text, message)
 
 # ---------------------------------------------------------------- join with the store
 def test_join_keeps_ok_videos_and_counts_missing_and_failed_ones():
-    manifest = pd.DataFrame({"video_id": ["clip_a", "clip_b", "v_clip_c"], "status": ["ok", "failed", "ok"]})
+    table = pd.DataFrame({"video_id": ["clip_a", "clip_b", "v_clip_c", "clip_y"],
+                          "status": ["ok", "failed", "ok", "missing"]})
     items = [QAItem("clip_a", "q", "a", "1"), QAItem("clip_a.mp4", "q", "a", "2"), QAItem("clip_c", "q", "a", "3"),
              QAItem("clip_b", "q", "a", "4"), QAItem("clip_z", "q", "a", "5"), QAItem("clip_y", "q", "a", "6")]
-    kept, report = join_with_store(items, SimpleNamespace(manifest=manifest))
+    kept, report = join_with_store(items, SimpleNamespace(status=lambda streams: table), ["semantic"])
     # names are matched leniently (extension, v_ prefix) and rewritten to the store's id
     assert [(i.video_id, i.question_id) for i in kept] == [("clip_a", "1"), ("clip_a", "2"), ("v_clip_c", "3")]
     assert (report.total, report.usable, report.missing_video, report.failed_video) == (6, 3, 2, 1)
@@ -83,11 +84,14 @@ def test_join_keeps_ok_videos_and_counts_missing_and_failed_ones():
     ([197, 64], [49, 64], "[197, 64] / spatiotemporal [49, 64]"),     # another token count (16 px patches)
 ])
 def test_store_from_another_vision_tower_is_refused_naming_both(tiny_model, semantic, motion, named):
+    def store(shapes):
+        return SimpleNamespace(tap_shape=lambda stream: {"semantic": shapes[0], "spatiotemporal": shapes[1]}[stream])
+
     with pytest.raises(UserError) as err:
-        check_store_matches_model({"semantic_shape": semantic, "spatiotemporal_shape": motion}, str(tiny_model))
+        check_store_matches_model(store((semantic, motion)), str(tiny_model))
     message = str(err.value)
     assert named in message and "expects [257, 64] / [64, 64]" in message and str(tiny_model) in message
-    check_store_matches_model({"semantic_shape": [257, 64], "spatiotemporal_shape": [64, 64]}, str(tiny_model))
+    check_store_matches_model(store(([257, 64], [64, 64])), str(tiny_model))
 
 
 # ---------------------------------------------------------------- dataset, collation, loader
@@ -111,9 +115,9 @@ def test_stored_features_carry_the_video(toy_store):
     store = FeatureStore.open(toy_store)
     a, b = (store.read(v) for v in store.video_ids()[:2])
     for f in (a, b):
-        assert np.abs(f.spatiotemporal.astype(np.float32)).max() > 1e-3
-        assert f.semantic.astype(np.float32).std() > 1e-2  # post-layernorm output: about unit scale
-    assert np.abs(a.semantic[0].astype(np.float32) - b.semantic[0].astype(np.float32)).mean() > 1e-3
+        assert np.abs(f["spatiotemporal"].astype(np.float32)).max() > 1e-3
+        assert f["semantic"].astype(np.float32).std() > 1e-2  # post-layernorm output: about unit scale
+    assert np.abs(a["semantic"][0].astype(np.float32) - b["semantic"][0].astype(np.float32)).mean() > 1e-3
 
 
 def test_dataset_reads_the_stored_frames_subsampled(prepared, toy_store):
@@ -127,8 +131,8 @@ def test_dataset_reads_the_stored_frames_subsampled(prepared, toy_store):
     assert x["semantic"].shape == (3, 257, 64) and x["spatiotemporal"].shape == (3, 64, 64)
     assert x["semantic"].dtype == torch.float32
     whole = store.read(prepared.samples[long].video_id)
-    np.testing.assert_array_equal(x["semantic"].numpy(), whole.semantic[[0, 2, 4]].astype(np.float32))
-    np.testing.assert_array_equal(x["spatiotemporal"].numpy(), whole.spatiotemporal[[0, 2, 4]].astype(np.float32))
+    np.testing.assert_array_equal(x["semantic"].numpy(), whole["semantic"][[0, 2, 4]].astype(np.float32))
+    np.testing.assert_array_equal(x["spatiotemporal"].numpy(), whole["spatiotemporal"][[0, 2, 4]].astype(np.float32))
     assert FeatureQADataset(str(toy_store), prepared.samples, max_frames=None)[long]["semantic"].shape[0] == 5
 
 

@@ -99,7 +99,7 @@ def test_checkpoint_from_other_store_fingerprint_is_refused(tmp_path, toy_store,
     store = tmp_path / "store"
     shutil.copytree(toy_store, store)
     info = json.loads((store / "store.json").read_text())
-    info["fingerprint"]["fps"] = 2.0
+    info["sampling"]["fps"] = 2.0
     (store / "store.json").write_text(json.dumps(info))
     proc = run_cli("generate", store, toy_corpus / "test_q.json", "--checkpoint", trained, "--out",
                    tmp_path / "p.jsonl", check=False)

@@ -81,21 +81,21 @@ def test_stored_streams_equal_the_hugging_face_vision_model(zarr_store, tiny_mod
         last_block = pool_by_hand(out.hidden_states[-1][:, 1:]).numpy()
 
         got = store[video.stem]
-        assert got.semantic.dtype == got.spatiotemporal.dtype == np.float16
-        assert got.semantic.shape == semantic.shape == (len(frames), 257, 64)
-        assert got.spatiotemporal.shape == motion.shape == (len(frames), 64, 64)
+        assert got["semantic"].dtype == got["spatiotemporal"].dtype == np.float16
+        assert got["semantic"].shape == semantic.shape == (len(frames), 257, 64)
+        assert got["spatiotemporal"].shape == motion.shape == (len(frames), 64, 64)
         np.testing.assert_array_equal(got.timestamps, timestamps.astype(np.float32))
-        np.testing.assert_allclose(got.semantic.astype(np.float32), semantic, rtol=2e-3, atol=2e-3)
-        np.testing.assert_allclose(got.spatiotemporal.astype(np.float32), motion, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(got["semantic"].astype(np.float32), semantic, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(got["spatiotemporal"].astype(np.float32), motion, rtol=2e-3, atol=2e-3)
         # sharp enough to tell frames and blocks apart (a tower initialised near 0 would store zeros)
-        assert np.abs(np.diff(semantic, axis=0)).max() > 0.05 and got.spatiotemporal.astype(np.float32).std() > 0.05
+        assert np.abs(np.diff(semantic, axis=0)).max() > 0.05 and got["spatiotemporal"].astype(np.float32).std() > 0.05
         assert np.abs(motion - last_block).max() > 0.05
 
 
 def test_timestamps_follow_the_fps_grid(zarr_store):
     store = FeatureStore.open(zarr_store)
-    fps = store.info["fingerprint"]["fps"]
-    for row in store.manifest.to_dict("records"):
+    fps = store.sampling["fps"]
+    for row in store.groups["eva"].manifest.to_dict("records"):
         expected = math.ceil(row["duration_s"] * fps - 1e-9)     # max_frames is null here
         assert 3 <= row["duration_s"] <= 5.1                     # toy clips last 3-5 s
         assert row["n_frames"] == row["length"] == expected
@@ -106,49 +106,50 @@ def test_existing_store_with_another_fingerprint_is_refused_then_overwritten(zar
                                                                              tmp_path):
     store_dir = shutil.copytree(zarr_store, tmp_path / "store")
     corpus = write_csv(tmp_path / "corpus.csv", [(v.stem, v) for v in videos])
-    before = sorted(p.name for p in (store_dir / "manifest").iterdir())
+    before = sorted(p.name for p in (store_dir / "groups" / "eva" / "manifest").iterdir())
     with pytest.raises(StoreMismatchError) as err:
         extract(corpus, tiny_model, store_dir, **{"decode.fps": 2.0, "decode.max_frames": 2})
-    assert "fingerprint.fps: store has 1.0, requested 2.0" in str(err.value)
-    assert "fingerprint.max_frames" in str(err.value)
-    assert sorted(p.name for p in (store_dir / "manifest").iterdir()) == before
+    assert "fps: store has 1.0, requested 2.0; max_frames: store has None, requested 2" in str(err.value)
+    assert sorted(p.name for p in (store_dir / "groups" / "eva" / "manifest").iterdir()) == before
 
     summary = extract(corpus, tiny_model, store_dir, overwrite=True, **{"decode.fps": 2.0, "decode.max_frames": 2})
     assert (summary.ok, summary.skipped, summary.frames) == (N_VIDEOS, 0, 2 * N_VIDEOS)
     capped, full = FeatureStore.open(store_dir), FeatureStore.open(zarr_store)
-    assert capped.info["fingerprint"]["fps"] == 2.0 and capped.info["fingerprint"]["max_frames"] == 2
-    for row in capped.manifest.to_dict("records"):
+    assert capped.sampling == {"fps": 2.0, "max_frames": 2}
+    for row in capped.groups["eva"].manifest.to_dict("records"):
         grid = math.ceil(row["duration_s"] * 2.0 - 1e-9)          # samples before the cap: 6..10
         assert grid > 2
         assert row["n_frames"] == row["length"] == min(2, grid)
         got = capped[row["video_id"]]
         np.testing.assert_array_equal(got.timestamps, [0.0, (grid - 1) / 2.0])  # first and last of the grid
-        np.testing.assert_array_equal(got.semantic[0], full[row["video_id"]].semantic[0])  # frame at 0 s
+        np.testing.assert_array_equal(got["semantic"][0], full[row["video_id"]]["semantic"][0])  # frame at 0 s
 
 
 def test_zarr_and_webdataset_stores_read_back_the_same_arrays(zarr_store, wds_store, videos):
     zarr, wds = FeatureStore.open(zarr_store), FeatureStore.open(wds_store)
-    assert wds.info["format"] == "webdataset" and wds.info["fingerprint"] == zarr.info["fingerprint"]
-    assert sorted(p.name for p in wds_store.glob("shard-*")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert wds.group_info("eva").format == "webdataset" and wds.fingerprint() == zarr.fingerprint()
+    assert sorted(p.name for p in (wds_store / "groups" / "eva").glob("shard-*")) == ["shard-000000.tar",
+                                                                                       "shard-000001.tar"]
     assert wds.video_ids() == ODD_IDS
     for odd_id, video in zip(ODD_IDS, videos):
         a, b = zarr[video.stem], wds[odd_id]
         assert b.video_id == odd_id
-        for name in ("semantic", "spatiotemporal", "timestamps"):
-            assert getattr(a, name).dtype == getattr(b, name).dtype
-            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"{odd_id} {name}")
+        np.testing.assert_array_equal(a.timestamps, b.timestamps, err_msg=odd_id)
+        for name in ("semantic", "spatiotemporal"):
+            assert a[name].dtype == b[name].dtype
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{odd_id} {name}")
     streamed = {f.video_id: f for f in wds.iter_videos()}
     assert sorted(streamed) == sorted(ODD_IDS)
-    np.testing.assert_array_equal(streamed[ODD_IDS[0]].semantic, zarr[videos[0].stem].semantic)
+    np.testing.assert_array_equal(streamed[ODD_IDS[0]]["semantic"], zarr[videos[0].stem]["semantic"])
 
 
 def test_odd_ids_are_stored_under_safe_keys_and_kept_verbatim(wds_store):
-    rows = latest(read_all(wds_store))
+    rows = latest(read_all(wds_store / "groups" / "eva"))
     assert list(rows["video_id"]) == ODD_IDS
     assert list(rows["key"]) == [safe_key(i) for i in ODD_IDS]
     assert rows["key"].iloc[0] != ODD_IDS[0] and rows["key"].iloc[3] == "4"
     members = []
-    for shard in sorted(wds_store.glob("shard-*.tar")):
+    for shard in sorted((wds_store / "groups" / "eva").glob("shard-*.tar")):
         with tarfile.open(shard) as tar:
             members += tar.getnames()
     for key in rows["key"]:

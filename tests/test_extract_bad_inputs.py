@@ -65,7 +65,8 @@ def bad_run(tmp_path_factory, tiny_model, toy_corpus):
     proc = run_cli("extract", corpus, "--model", tiny_model, "--out", store, "--no-progress", "--max-failures", "3",
                    f"decode.timeout_s={TIMEOUT_S}", "decode.chunk_frames=2",
                    check=False, env={HANG_ENV: "hang_me@2"}, timeout=300)
-    rows = latest(read_all(store)) if (store / "store.json").exists() else pd.DataFrame()
+    group = store / "groups" / "eva"
+    rows = latest(read_all(group)) if (group / "group.json").exists() else pd.DataFrame()
     return proc, store, {r["video_id"]: r for r in rows.to_dict("records")}
 
 
@@ -99,7 +100,7 @@ def test_good_videos_are_stored_despite_the_failures(bad_run, toy_corpus):
         assert row["n_frames"] == row["length"] == len(got.timestamps) == expected
         # every frame range is intact after the aborted videos: timestamps restart at 0 per video
         np.testing.assert_array_equal(got.timestamps, np.arange(expected, dtype=np.float32))
-        assert got.semantic.shape == (expected, 257, 64) and got.spatiotemporal.shape == (expected, 64, 64)
+        assert got["semantic"].shape == (expected, 257, 64) and got["spatiotemporal"].shape == (expected, 64, 64)
 
 
 def test_missing_file(bad_run):
@@ -222,8 +223,8 @@ def test_store_with_another_fingerprint_is_refused_without_overwrite(bad_run, ti
     _, store, _ = bad_run
     corpus = tmp_path / "corpus.csv"
     corpus.write_text("video_id,path\ngood0,x.mp4\n")
-    parts = sorted((store / "manifest").iterdir())
+    parts = sorted((store / "groups" / "eva" / "manifest").iterdir())
     proc = run_cli("extract", corpus, "-m", tiny_model, "-o", store, "decode.fps=2", check=False)
-    assert_refused(proc, str(store), "overwrite", one_line=False)  # then one line per differing setting
-    assert "fingerprint.fps: store has 1.0, requested 2.0" in proc.stderr
-    assert sorted((store / "manifest").iterdir()) == parts
+    assert_refused(proc, str(store), "overwrite", one_line=False)
+    assert "fps: store has 1.0, requested 2.0" in proc.stderr
+    assert sorted((store / "groups" / "eva" / "manifest").iterdir()) == parts

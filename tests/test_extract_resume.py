@@ -72,6 +72,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def test_hard_kill_then_rerun_stores_every_video_exactly_once(corpus, tiny_model, tmp_path):
     store = tmp_path / "store"
+    group = store / "groups" / "eva"     # the default group's shards and manifest
     args = ["extract", str(corpus), "--model", str(tiny_model), "--out", str(store), "--no-progress",
             f"store.videos_per_shard={PER_SHARD}"]
     # The test hook makes the last video hang in the first run, so that run cannot finish before the kill
@@ -85,7 +86,7 @@ def test_hard_kill_then_rerun_stores_every_video_exactly_once(corpus, tiny_model
         # every assertion below holds for whatever that state is (garbage or none).
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and first.poll() is None:
-            parts, garbage = store_state(store)
+            parts, garbage = store_state(group)
             if parts and garbage:
                 break
             time.sleep(0.02)
@@ -94,8 +95,8 @@ def test_hard_kill_then_rerun_stores_every_video_exactly_once(corpus, tiny_model
     finally:
         kill_session(first)
 
-    parts, garbage = store_state(store)  # frozen now: every process of the first run is dead
-    committed = latest(read_all(store))
+    parts, garbage = store_state(group)  # frozen now: every process of the first run is dead
+    committed = latest(read_all(group))
     assert len(committed) == PER_SHARD * len(parts) < N_VIDEOS  # only whole shards were committed
     assert (committed["status"] == "ok").all()
 
@@ -109,13 +110,13 @@ def test_hard_kill_then_rerun_stores_every_video_exactly_once(corpus, tiny_model
     assert (f"videos: {N_VIDEOS} in corpus | ok {N_VIDEOS - len(committed)} | failed 0 | "
             f"skipped {len(committed)}") in out, out
 
-    rows = read_all(store)
+    rows = read_all(group)
     assert sorted(rows["video_id"]) == [f"toy_{i:05d}" for i in range(N_VIDEOS)]  # each exactly once
     assert (rows["status"] == "ok").all()
     assert not [p for p in store.rglob("*") if ".tmp-" in p.name]
-    assert store_state(store)[1] == []
+    assert store_state(group)[1] == []
     n_shards = -(-N_VIDEOS // PER_SHARD)
-    assert sorted(p.name for p in store.glob("shard-*")) == [f"shard-{i:06d}.zarr" for i in range(n_shards)]
+    assert sorted(p.name for p in group.glob("shard-*")) == [f"shard-{i:06d}.zarr" for i in range(n_shards)]
 
     features = FeatureStore.open(store)
     assert len(features) == N_VIDEOS
@@ -123,7 +124,7 @@ def test_hard_kill_then_rerun_stores_every_video_exactly_once(corpus, tiny_model
     for video in features.iter_videos():
         n = len(video.timestamps)
         np.testing.assert_array_equal(video.timestamps, np.arange(n, dtype=np.float32))
-        assert video.semantic.shape == (n, 257, 64) and video.spatiotemporal.shape == (n, 64, 64)
+        assert video["semantic"].shape == (n, 257, 64) and video["spatiotemporal"].shape == (n, 64, 64)
         frames += n
     assert frames == int(rows["length"].sum())
     assert int(re.search(r"frames: (\d+) in", out).group(1)) == frames - int(committed["length"].sum())

@@ -10,7 +10,7 @@ from dualfocus.extract.config import ExtractConfig
 from dualfocus.extract.decode import DecodeError, VideoInfo
 from dualfocus.extract.run import ExtractSummary, write_rows
 from dualfocus.extract.stages import decode_chunks
-from dualfocus.store import FeatureStore, StoreWriter
+from dualfocus.store import FeatureStore, GroupWriter
 from dualfocus.store.manifest import read_all
 
 P, M, D = 5, 2, 3
@@ -81,19 +81,20 @@ def test_write_rows_gives_one_manifest_row_per_video(tmp_path):
     ]
     summary = ExtractSummary(store=str(tmp_path))
     seen = []
-    with StoreWriter(tmp_path, fingerprint={"t": 1}, semantic_shape=(P, D), spatiotemporal_shape=(M, D)) as writer:
+    with GroupWriter(tmp_path, "eva", taps={"semantic": (P, D), "spatiotemporal": (M, D)}, fingerprint={"t": 1},
+                     sampling={"fps": 1.0, "max_frames": None}) as writer:
         write_rows(iter(rows), writer, summary, on_video=seen.append)
     assert (summary.ok, summary.failed, summary.frames) == (2, 3, 8)
     assert [v for v, _ in summary.failures] == ["cut", "never", "batch"]
     assert [r["video_id"] for r in seen] == ["ok1", "cut", "never", "batch", "ok2"]
 
-    manifest = read_all(tmp_path)
+    manifest = read_all(tmp_path / "groups" / "eva")
     assert list(manifest["video_id"]) == ["ok1", "cut", "never", "batch", "ok2"]
     assert list(manifest["status"]) == ["ok", "failed", "failed", "failed", "ok"]
     store = FeatureStore.open(tmp_path)
     for vid in ("ok1", "ok2"):
         np.testing.assert_array_equal(store[vid].timestamps, [0, 1, 2, 3])
-        np.testing.assert_array_equal(store[vid].semantic[:, 0, 0], [0, 1, 2, 3])
+        np.testing.assert_array_equal(store[vid]["semantic"][:, 0, 0], [0, 1, 2, 3])
 
 
 def test_max_failures_as_count_or_fraction():

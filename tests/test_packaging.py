@@ -11,7 +11,18 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "extract", "store", "train", "evaluate", "configs")
+PACKAGES = ("pipeline", "extract", "store", "encoders", "train", "evaluate", "configs")
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """A folder with an __init__.py that pyproject.toml does not list would be missing from a real install
+    (an editable install hides it)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {f"dualfocus.{p.parent.name}" for p in REPO.glob("*/__init__.py") if not p.parent.name.startswith(".")}
+    assert folders - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+    assert set(PACKAGES) == {name.split(".", 1)[1] for name in listed - {"dualfocus"}}
 
 
 def test_wheel_ships_configs_without_setuptools_warnings(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import run_cli, store_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "train_tiny.yaml")
@@ -60,7 +60,7 @@ def test_run_directory_holds_config_metrics_plot_and_export(cli_run, toy_store, 
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = json.loads((run / "final" / "dualfocus.json").read_text())
     assert meta["step"] == 8 and meta["base_model"] == str(Path(tiny_model).resolve())
-    assert meta["store_fingerprint"] == json.loads((toy_store / "store.json").read_text())["fingerprint"]
+    assert meta["store_fingerprint"] == store_fingerprint(toy_store)
     assert meta["max_frames"] == 4 and meta["connector"]["ffp_blocks"] == 2
     # what inference must reproduce: the Q-Former question length, and the precisions the run used
     assert (meta["max_question_tokens"], meta["llm_dtype"], meta["connector_dtype"]) == (64, "float32", "float32")

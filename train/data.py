@@ -11,6 +11,7 @@ reported; zero usable annotations is an error.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,16 +39,17 @@ class JoinReport:
                 f"video failed at extract {self.failed_video}")
 
 
-def join_with_store(items: list[QAItem], store) -> tuple[list[QAItem], JoinReport]:
-    """Keep items whose video is ``ok`` in ``store`` (ids matched leniently); count the rest."""
-    manifest = store.manifest
-    status = dict(zip(manifest["video_id"].astype(str), manifest["status"]))
+def join_with_store(items: list[QAItem], store, streams: Sequence[str]) -> tuple[list[QAItem], JoinReport]:
+    """Keep items whose video is ``ok`` in every group of ``store`` the ``streams`` come from (ids matched
+    leniently); count the rest."""
+    table = store.status(streams)
+    status = dict(zip(table["video_id"].astype(str), table["status"]))
     match = IdMatcher(status.keys())
     report = JoinReport(total=len(items))
     kept = []
     for item in items:
         vid = match(item.video_id)
-        if vid is None:
+        if vid is None or status[vid] == "missing":
             report.missing_video += 1
             if len(report.examples) < 5:
                 report.examples.append(item.video_id)
@@ -63,17 +65,33 @@ def join_with_store(items: list[QAItem], store) -> tuple[list[QAItem], JoinRepor
     return kept, report
 
 
-def check_store_matches_model(store_info: dict, model_dir: str) -> None:
+def check_store_streams(store, streams: Sequence[str], store_path: str, model_dir: str) -> None:
+    """Refuse a store that lacks a stream the connector reads, naming each and the extract command adding them."""
+    from dualfocus.store import MissingStreamError
+
+    missing = []
+    for stream in streams:
+        try:
+            store.resolve(stream)
+        except MissingStreamError:
+            missing.append(stream)
+    if missing:
+        have = ", ".join(store.streams()) or "no streams"
+        raise UserError(f"the feature store at {store_path} lacks the stream(s) {', '.join(missing)} this connector "
+                        f"reads (it has {have}); add them with: dualfocus extract CORPUS --model {model_dir} "
+                        f"--out {store_path}")
+
+
+def check_store_matches_model(store, model_dir: str, streams: Sequence[str] = ("semantic", "spatiotemporal")) -> None:
     """Refuse a store whose per-frame shapes do not fit the model's Q-Former, naming both."""
     from dualfocus.extract.run import stream_shapes
 
-    want_sem, want_mot = stream_shapes(model_dir)
-    have_sem = tuple(store_info["semantic_shape"])
-    have_mot = tuple(store_info["spatiotemporal_shape"])
-    if have_sem != tuple(want_sem) or have_mot != tuple(want_mot):
+    want = [tuple(shape) for shape in stream_shapes(model_dir)]
+    have = [tuple(store.tap_shape(s)) for s in streams]
+    if have != want:
         raise UserError(
-            f"feature store holds frames of semantic {list(have_sem)} / spatiotemporal {list(have_mot)} "
-            f"(tokens, width), but the model at {model_dir} expects {list(want_sem)} / {list(want_mot)}: "
+            f"feature store holds frames of {' / '.join(f'{s} {list(h)}' for s, h in zip(streams, have))} "
+            f"(tokens, width), but the model at {model_dir} expects {' / '.join(str(list(w)) for w in want)}: "
             "extract the store with this model's vision tower")
 
 
@@ -91,11 +109,18 @@ class Tokenised:
     question: str = ""
 
 
-class FeatureQADataset(torch.utils.data.Dataset):
-    """Map-style dataset over tokenised samples; arrays are read from the store on demand."""
+DUALFOCUS_STREAMS = ("semantic", "spatiotemporal")
+"""The streams DualFocus reads: the post-LN vision output and the pooled second-to-last state (`extract`'s
+default group)."""
 
-    def __init__(self, store_path: str, samples: list[Tokenised], max_frames: int | None):
+
+class FeatureQADataset(torch.utils.data.Dataset):
+    """Map-style dataset over tokenised samples; the ``streams`` are read from the store on demand."""
+
+    def __init__(self, store_path: str, samples: list[Tokenised], max_frames: int | None,
+                 streams: Sequence[str] = DUALFOCUS_STREAMS):
         self.store_path = store_path
+        self.streams = tuple(streams)
         self.samples = samples
         self.max_frames = max_frames
         self._store = None  # opened lazily, once per worker process
@@ -109,10 +134,10 @@ class FeatureQADataset(torch.utils.data.Dataset):
         if self._store is None:
             self._store = FeatureStore.open(self.store_path)
         s = self.samples[i]
-        feats = self._store.read(s.video_id, uniform_indices(s.n_frames, self.max_frames))
-        return {"semantic": torch.from_numpy(np.asarray(feats.semantic, dtype=np.float32)),        # [t, P, d_v]
-                "spatiotemporal": torch.from_numpy(np.asarray(feats.spatiotemporal, dtype=np.float32)),  # [t, M, d_v]
-                "sample": s, "index": i}
+        feats = self._store.read(s.video_id, uniform_indices(s.n_frames, self.max_frames), streams=self.streams)
+        # semantic [t, P, d_v], spatiotemporal [t, M, d_v]
+        out = {name: torch.from_numpy(np.asarray(feats[name], dtype=np.float32)) for name in self.streams}
+        return {**out, "sample": s, "index": i}
 
 
 def tokenise(items: list[QAItem], n_frames: dict[str, int], prompt, qformer_tokenizer, with_answers: bool,
@@ -160,10 +185,10 @@ def collate(batch: list[dict], qformer_pad_id: int = 0) -> dict:
             "samples": samples, "indices": [x["index"] for x in batch]}
 
 
-def count_frames(store) -> dict[str, int]:
-    """video_id -> stored frame count, for ok videos."""
-    m = store.manifest
-    ok = m[m["status"] == "ok"]
+def count_frames(store, streams: Sequence[str]) -> dict[str, int]:
+    """video_id -> stored frame count, for videos ok in every group of ``streams``."""
+    table = store.status(streams)
+    ok = table[table["status"] == "ok"]
     return dict(zip(ok["video_id"].astype(str), ok["length"].astype(int)))
 
 
