@@ -100,7 +100,10 @@ def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/
             encoder_actors: Optional[int] = typer.Option(None, help="Encoder actors [ray.encoder_actors]."),
             gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per encoder actor [ray.gpus_per_actor]."),
             ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting one."),
-            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+            encoder: Optional[list[str]] = typer.Option(
+                None, "--encoder", "-e", help="Another stream group from the same decode: NAME=DIR (repeatable; "
+                "taps default per family, set them in a recipe's encoders) [encoders.NAME.model]."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace the stream groups this run writes."),
             limit: Optional[int] = typer.Option(None, help="Process at most N new videos."),
             max_failures: Optional[str] = typer.Option(
                 None, help="Failures tolerated: a count (3) or a fraction (0.05); exceeded => exit 1."),
@@ -120,6 +123,11 @@ def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/
         "limit": limit, "max_failures": yaml.safe_load(max_failures) if max_failures is not None else None})
     if overwrite:
         values["overwrite"] = True
+    for entry in encoder or ():
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"expected NAME=DIR, got {entry!r}", param_hint="--encoder")
+        values[f"encoders.{name}.model"] = path
     cfg = load_config(ExtractConfig, config, overrides or (), values)
     summary = run_extract(cfg, progress=not no_progress and sys.stdout.isatty())
     print_extract_summary(summary, _console())

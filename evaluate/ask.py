@@ -87,13 +87,17 @@ def frame_settings(fingerprint: dict, export_path) -> FrameSettings:
 def video_features(video: str, model_dir: str, settings: FrameSettings, device: str,
                    timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
     """(semantic ``[t, p+1, d]``, spatiotemporal ``[t, p/4, d]``) of one video, as a store would return them."""
-    from dualfocus.extract.config import DecodeConfig, EncoderConfig
+    from dualfocus.extract.config import DecodeConfig, EncoderConfig, StoreConfig
+    from dualfocus.extract.groups import DUALFOCUS_TAPS
     from dualfocus.extract.stages import DecodeStage, EncodeStage, encode_video
     from dualfocus.pipeline.errors import UserError
     from dualfocus.store.dtypes import round_trip
 
-    encode = EncodeStage(model_dir, device=device, compute_dtype=settings.compute_dtype,
-                         batch_frames=EncoderConfig().batch_frames, storage_dtype=settings.storage_dtype, threads=None)
+    group = StoreConfig().group
+    spec = {"name": group, "model": model_dir, "taps": DUALFOCUS_TAPS, "image_size": None,
+            "dtype": settings.storage_dtype}
+    encode = EncodeStage(groups=[spec], device=device, compute_dtype=settings.compute_dtype,
+                         batch_frames=EncoderConfig().batch_frames, threads=None)
     decode = DecodeStage(fps=settings.fps, max_frames=settings.max_frames, size=settings.image_size,
                          chunk_frames=DecodeConfig().chunk_frames, backend=settings.decode_backend, timeout_s=timeout_s)
     try:
@@ -103,8 +107,8 @@ def video_features(video: str, model_dir: str, settings: FrameSettings, device: 
     if result["error"]:
         what = "encode" if result["error"].startswith("encoder failed") else "read"
         raise UserError(f"cannot {what} video {video}: {result['error']}")
-    return (round_trip(result["semantic"], settings.storage_dtype),
-            round_trip(result["spatiotemporal"], settings.storage_dtype))
+    return (round_trip(result[f"{group}/semantic"], settings.storage_dtype),
+            round_trip(result[f"{group}/spatiotemporal"], settings.storage_dtype))
 
 
 def run_ask(video: str, question: str, cfg: AskConfig) -> str:

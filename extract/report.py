@@ -23,6 +23,10 @@ def print_extract_summary(summary: ExtractSummary, console) -> None:
         f"(already in store)")
     console.print(f"frames: {summary.frames} in {summary.seconds:.1f} s = {summary.frames_per_s:.2f} frames/s | "
                   f"written: {_human_bytes(summary.bytes)} ({summary.bytes} bytes)")
+    if len(summary.groups) > 1:
+        for name, g in summary.groups.items():
+            console.print(f"  group {name}: ok {g['ok']} | failed {g['failed']} | frames {g['frames']} | "
+                          f"written {_human_bytes(g['bytes'])}", markup=False, highlight=False)
     if summary.failures:
         console.print(f"failures ({len(summary.failures)}):")
         for vid, reason in summary.failures:

@@ -1,10 +1,12 @@
-"""``run_extract``: corpus -> Ray Data (decode actors -> encoder actor pool) -> one shard writer.
+"""``run_extract``: corpus -> Ray Data (decode actors -> encoder actor pool) -> one writer per stream group.
 
-The driver is the only writer of shards: it consumes the pipeline's output in corpus order
-(``preserve_order``), so a video's chunks arrive consecutively and are appended to the open shard as
-they come, never held whole in memory. One writer per shard, a video never split across shards, and
-the commit protocol of ``store/`` make a hard kill safe: a rerun of the same command removes the
-uncommitted shard and redoes only what was not committed.
+Each video is decoded once and run through every encoder of the run (one stream group each, see
+``extract/groups.py``); a video already stored in some groups is encoded only for the others. The driver is
+the only writer of shards: it consumes the pipeline's output in corpus order (``preserve_order``), so a
+video's chunks arrive consecutively and are appended to each group's open shard as they come, never held
+whole in memory. One writer per shard, a video never split across shards, and the commit protocol of
+``store/`` make a hard kill safe: a rerun of the same command removes the uncommitted shards and redoes only
+what was not committed, in each group.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class ExtractSummary:
     removed_garbage: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     failures_exceeded: bool = False
+    groups: dict[str, dict] = field(default_factory=dict)
+    """Per group written: ``{"ok", "failed", "frames", "bytes"}`` (printed when the run writes several)."""
 
     @property
     def frames_per_s(self) -> float:
@@ -63,8 +67,9 @@ def encoder_fingerprint(cfg: ExtractConfig) -> dict:
     }
 
 
-def check_vision_weights(model_dir: str) -> None:
-    """Fail before any work unless ``model_dir`` holds vision-tower weights (reads file headers only).
+def check_vision_weights(model_dir: str, prefix: str = "vision_model.") -> None:
+    """Fail before any work unless ``model_dir`` holds readable weights, some named ``prefix*`` (reads file
+    headers only; ``prefix`` "" for a standalone encoder).
 
     Without this a directory with a valid config.json but missing or broken weights would only fail
     inside the Ray encoder actor, after the store was created, with a traceback.
@@ -83,8 +88,8 @@ def check_vision_weights(model_dir: str) -> None:
     except Exception as e:  # noqa: BLE001 - a missing shard, a corrupt header, a bad index
         raise ModelLoadError(f"{model_dir}: cannot read the model weights ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if not any(name.startswith("vision_model.") for name in files):
-        raise ModelLoadError(f"{model_dir} holds no vision tower weights (no tensor named vision_model.*)")
+    if not any(name.startswith(prefix) for name in files):
+        raise ModelLoadError(f"{model_dir} holds no vision tower weights (no tensor named {prefix}*)")
 
 
 def sampling(cfg: ExtractConfig) -> dict:
@@ -175,13 +180,17 @@ def _check_reachable(key: str, address: str, timeout_s: float = 10.0) -> None:
         raise UserError(f"{key}={address}: no Ray cluster answers there ({e.strerror or e})") from None
 
 
-def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
-    """The Ray Dataset of encoded chunk rows for the videos in ``todo`` (lazy; nothing runs yet)."""
+def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list):
+    """The Ray Dataset of encoded chunk rows for the videos in ``todo`` (lazy; nothing runs yet).
+
+    Each video is decoded once, at the largest frame size any group's encoder reads; every encoder of the
+    run sits in each encoder actor and resizes from there to its own size (``encoders.prepare_frames``).
+    """
+    import numpy as np
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     from dualfocus.extract.stages import DecodeStage, EncodeStage
-    from dualfocus.pipeline.models import load_image_spec
     from dualfocus.pipeline.progress import quiet_ray_data
     from dualfocus.store.dtypes import transfer_dtype
 
@@ -191,14 +200,15 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
     # max_restarts (below) has no named parameter: Ray 2.60 warns that its **ray_remote_args route goes
     # away in Ray 2.64 (ray-project/ray#65228). The warning is for us, not for the user running extract.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-    size = load_image_spec(cfg.model).size
+    size = max(plan.image_size for plan in plans)
     # Memory is bounded by batches, not by video length. Blocks: about one chunk each (Ray's default of
     # 128 MiB would let a long video pile up in the decoding actor and travel as one object). Buffering:
     # decoding is far faster than a CPU encoder and would otherwise run ahead through a whole video, so
     # the object store budget of the pipeline is capped at a few encoder batches (in and out) per
     # encoder actor, and each encoder actor holds at most 2 batches (one running, one queued).
-    (p1, d), (m, _) = stream_shapes(cfg.model)
-    frame_bytes = size * size * 3 + (p1 + m) * d * transfer_dtype(cfg.store.dtype).itemsize
+    feature_bytes = sum(int(np.prod(shape)) * transfer_dtype(plan.dtype).itemsize
+                        for plan in plans for shape in plan.shapes.values())
+    frame_bytes = size * size * 3 + feature_bytes
     ctx.target_max_block_size = cfg.decode.chunk_frames * size * size * 3
     budget = max(32 * 2**20, 4 * cfg.encoder.batch_frames * frame_bytes * cfg.ray.encoder_actors)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
@@ -221,11 +231,10 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
     )
     ds = ds.map_batches(
         EncodeStage,
-        fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), device=cfg.encoder.device,
+        fn_constructor_kwargs=dict(groups=[plan.stage_spec() for plan in plans], device=cfg.encoder.device,
                                    compute_dtype=planned_compute_dtype(cfg.encoder.device, cfg.encoder.compute_dtype,
                                                                        cfg.ray.gpus_per_actor),
-                                   batch_frames=cfg.encoder.batch_frames, storage_dtype=cfg.store.dtype,
-                                   threads=cfg.encoder.threads),
+                                   batch_frames=cfg.encoder.batch_frames, threads=cfg.encoder.threads),
         batch_size=rows_per_batch,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=cfg.ray.encoder_actors, max_tasks_in_flight_per_actor=2),
@@ -236,82 +245,72 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict]):
     return ds
 
 
-def write_rows(rows, writer, summary: ExtractSummary, on_video=None) -> None:
-    """Feed chunk rows (in order) into the store writer; one manifest row per video.
+def open_writers(cfg: ExtractConfig, plans: list) -> dict:
+    """One ``GroupWriter`` per group of the run (all or none: a refusal closes the ones already open)."""
+    from dualfocus.store import GroupWriter, TapInfo
 
-    A video fails at its first error row; its later rows (e.g. the other chunks of an encoder batch
-    that failed as a whole) are dropped, so it never gets a second row or a partial ok row.
-    """
-    current = None
-    failed = None  # id of the video that failed last
-    for row in rows:
-        vid = row["video_id"]
-        if vid == failed:
-            continue
-        if row["error"]:
-            failed = vid
-            if current == vid:
-                result = writer.abort_video(row["error"])
-            else:
-                result = writer.add_failed(vid, row["path"], row["error"],
-                                           meta=dict(n_frames=0, duration_s=float(row["duration_s"]),
-                                                     native_fps=float(row["native_fps"])))
-            current = None
-            summary.failed += 1
-            summary.failures.append((vid, row["error"]))
-            if on_video:
-                on_video(result)
-            continue
-        if current != vid:
-            writer.begin_video(vid, row["path"], dict(n_frames=int(row["n_frames"]),
-                                                      duration_s=float(row["duration_s"]),
-                                                      native_fps=float(row["native_fps"])))
-            current = vid
-        writer.add_frames({"semantic": row["semantic"], "spatiotemporal": row["spatiotemporal"]}, row["timestamps"])
-        if row["last"]:
-            result = writer.end_video()
-            current = None
-            summary.ok += 1
-            summary.frames += int(result.get("length", row["n_frames"]))
-            summary.bytes += int(result.get("bytes", 0))
-            if on_video:
-                on_video(result)
+    writers = {}
+    try:
+        for plan in plans:
+            taps = {name: TapInfo(plan.shapes[name], plan.dtype, tap) for name, tap in plan.taps.items()}
+            writers[plan.name] = GroupWriter(
+                cfg.out, plan.name, taps=taps, fingerprint=plan.fingerprint, sampling=sampling(cfg),
+                format=cfg.store.format, videos_per_shard=cfg.store.videos_per_shard,
+                max_shard_bytes=cfg.store.max_shard_mb * 2**20, overwrite=cfg.overwrite)
+    except BaseException:
+        for writer in writers.values():
+            writer.close()
+        raise
+    return writers
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
-    """Extract features for every video of ``cfg.corpus`` not already in ``cfg.out``; see module doc."""
+    """Extract every group of the run for every video of ``cfg.corpus`` not already in it; see module doc."""
+    from dualfocus.extract.groups import plan_groups
+    from dualfocus.extract.writing import write_rows
     from dualfocus.pipeline.config import save_config
     from dualfocus.pipeline.corpus import read_corpus
     from dualfocus.pipeline.progress import video_progress
-    from dualfocus.store import GroupWriter, TapInfo
 
     rows = read_corpus(cfg.corpus)                 # errors on duplicates / empty before any work
-    fingerprint = encoder_fingerprint(cfg)         # errors on a bad model dir before any work
-    check_vision_weights(cfg.model)
-    sem_shape, mot_shape = stream_shapes(cfg.model)
+    compute_dtype = planned_compute_dtype(cfg.encoder.device, cfg.encoder.compute_dtype, cfg.ray.gpus_per_actor)
+    plans = plan_groups(cfg, compute_dtype)        # errors on a bad model dir, family or tap before any work
+    for plan in plans:
+        check_vision_weights(plan.model, "vision_model." if plan.family == "eva" else "")
     summary = ExtractSummary(store=cfg.out, total=len(rows))
     start = time.perf_counter()
-    taps = {"semantic": TapInfo(sem_shape, cfg.store.dtype, "post_ln"),
-            "spatiotemporal": TapInfo(mot_shape, cfg.store.dtype, "pool4")}
-    writer = GroupWriter(cfg.out, cfg.store.group, taps=taps, fingerprint=fingerprint, sampling=sampling(cfg),
-                         format=cfg.store.format, videos_per_shard=cfg.store.videos_per_shard,
-                         max_shard_bytes=cfg.store.max_shard_mb * 2**20, overwrite=cfg.overwrite)
-    summary.removed_garbage = list(writer.removed_garbage())
-    save_config(cfg, writer.dir / "extract_config.yaml")
-    done = writer.done_ids()
-    todo = [{"video_id": r.video_id, "path": r.path} for r in rows if r.video_id not in done]
+    writers = open_writers(cfg, plans)
+    several = len(writers) > 1
+    for name, writer in writers.items():
+        summary.removed_garbage += [f"{name}/{entry}" if several else entry for entry in writer.removed_garbage()]
+    done = {name: writer.done_ids() for name, writer in writers.items()}
+    todo = []
+    for r in rows:
+        need = [name for name in writers if r.video_id not in done[name]]
+        if need:
+            todo.append({"video_id": r.video_id, "path": r.path, "need": ",".join(need)})
     summary.skipped = len(rows) - len(todo)
     if cfg.limit is not None:
         todo = todo[: cfg.limit]
+    for name in {g for item in todo for g in item["need"].split(",")}:   # a group with nothing to do stays as is
+        save_config(cfg, writers[name].dir / "extract_config.yaml")
     if not todo:
-        writer.close()
+        for writer in writers.values():
+            writer.close()
         summary.seconds = time.perf_counter() - start
         return summary
 
     _init_ray(cfg)
-    ds = build_pipeline(cfg, todo)
-    with writer, video_progress(len(todo), enabled=progress) as advance:
-        write_rows(ds.iter_rows(), writer, summary, on_video=advance)
+    ds = build_pipeline(cfg, todo, plans)
+    try:
+        with video_progress(len(todo), enabled=progress) as advance:
+            write_rows(ds.iter_rows(), writers, summary, on_video=advance)
+    except BaseException:  # crash path: nothing more is committed; the next run removes the open shards
+        for writer in writers.values():
+            writer.abandon()
+        raise
+    for writer in writers.values():
+        writer.close()
     summary.seconds = time.perf_counter() - start
     summary.failures_exceeded = cfg.failures_exceeded(summary.failed, summary.ok + summary.failed)
     return summary

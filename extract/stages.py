@@ -6,22 +6,25 @@ fails yields a single row whose ``error`` is set. Keys of a chunk row:
 
     video_id str, path str, chunk int, last bool, error str ("" when fine),
     n_frames int, duration_s float, native_fps float,
+    need str (groups that still lack the video, comma-separated; "" = all)
     timestamps float32 [k], frames uint8 [k, S, S, 3]            (after decoding)
-    semantic [k, p+1, d], spatiotemporal [k, p/4, d]              (after encoding; frames dropped)
+    <group>/<tap> [k, ...], <group>/error str                     (after encoding; frames dropped)
 
 ``encode_video`` runs one video through the same two stages in-process, for ``dualfocus ask``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
 
 def _row(base: dict, **extra) -> dict:
-    row = {"video_id": base["video_id"], "path": base["path"], "chunk": 0, "last": True, "error": "",
-           "n_frames": 0, "duration_s": 0.0, "native_fps": 0.0}
+    row = {"video_id": base["video_id"], "path": base["path"], "need": base.get("need", ""), "chunk": 0,
+           "last": True, "error": "", "n_frames": 0, "duration_s": 0.0, "native_fps": 0.0}
     row.update(extra)
     return row
 
@@ -60,47 +63,51 @@ def _reason(e: BaseException) -> str:
     return text if name == "DecodeError" and text else f"{name}: {text}" if text else name
 
 
-def encode_chunks(batch: dict[str, Any], encoder, batch_frames: int, storage_dtype: str = "float16") -> dict[str, Any]:
-    """Encode every frame of a batch of chunk rows, ``batch_frames`` frames per forward.
+@dataclass(frozen=True)
+class EncoderGroup:
+    """One group's encoder as ``encode_chunks`` sees it: ``encode(frames uint8 [n, S, S, 3]) -> {tap: [n, ...]}``,
+    the per-frame shape of each tap, and the dtype the arrays travel in (``store.dtypes.transfer_dtype``)."""
 
-    ``encoder(frames uint8 [n, S, S, 3]) -> (semantic [n, p+1, d], spatiotemporal [n, p/4, d])``.
-    Returns the batch with ``frames`` replaced by ``semantic`` and ``spatiotemporal`` (per row), in the
-    dtype they travel to a ``storage_dtype`` store in (``store.dtypes.transfer_dtype``).
+    name: str
+    encode: Callable[[np.ndarray], dict[str, np.ndarray]]
+    shapes: dict[str, tuple[int, ...]]
+    transfer: np.dtype
+
+
+def encode_chunks(batch: dict[str, Any], groups: Sequence[EncoderGroup], batch_frames: int) -> dict[str, Any]:
+    """Encode the frames of a batch of chunk rows with every group's encoder, ``batch_frames`` frames per forward.
+
+    A row's ``need`` (comma-separated group names; absent or "" = every group) says which groups encode it.
+    Returns the batch with ``frames`` replaced by one ``<group>/<tap>`` array per row (``[k, ...]``, empty where
+    the group does not encode the row) and ``<group>/error``: an encoder that fails (e.g. out of memory) fails
+    the batch's videos in its own group only, and the job goes on.
     """
-    from dualfocus.store.dtypes import transfer_dtype
-
-    out_dtype = transfer_dtype(storage_dtype)
     frames = list(batch["frames"])
-    counts = [len(f) for f in frames]
+    n = len(frames)
     out = {k: v for k, v in batch.items() if k != "frames"}
-    semantic_rows: list[np.ndarray] = []
-    motion_rows: list[np.ndarray] = []
-    errors = list(out["error"])
-    try:
-        allf = np.concatenate([f for f in frames if len(f)]) if sum(counts) else None
-        sem_parts, mot_parts = [], []
-        if allf is not None:
-            for s in range(0, len(allf), batch_frames):
-                sem, mot = encoder(allf[s:s + batch_frames])
-                sem_parts.append(sem.astype(out_dtype, copy=False))
-                mot_parts.append(mot.astype(out_dtype, copy=False))
-            sem_all, mot_all = np.concatenate(sem_parts), np.concatenate(mot_parts)
-        offset = 0
-        for c in counts:
-            if c:
-                semantic_rows.append(sem_all[offset:offset + c])
-                motion_rows.append(mot_all[offset:offset + c])
-            offset += c
-        shape_s, shape_m = (semantic_rows[0].shape[1:], motion_rows[0].shape[1:]) if semantic_rows else ((0, 0), (0, 0))
-    except Exception as e:  # e.g. out of memory: every video in the batch fails, the job goes on
-        reason = _reason(e)
-        errors = [err or f"encoder failed: {reason}" for err in errors]
-        semantic_rows, motion_rows, counts = [], [], [0] * len(counts)
-        shape_s = shape_m = (0, 0)
-    it_s, it_m = iter(semantic_rows), iter(motion_rows)
-    out["semantic"] = _ragged([next(it_s) if c else np.zeros((0, *shape_s), out_dtype) for c in counts])
-    out["spatiotemporal"] = _ragged([next(it_m) if c else np.zeros((0, *shape_m), out_dtype) for c in counts])
-    out["error"] = np.array(errors, dtype=object)
+    needs = [set(s.split(",")) if s else None for s in batch.get("need", [""] * n)]
+    for group in groups:
+        rows = [i for i in range(n) if (needs[i] is None or group.name in needs[i]) and not out["error"][i]]
+        per_row: dict[int, dict[str, np.ndarray]] = {}
+        error = ""
+        try:
+            with_frames = [i for i in rows if len(frames[i])]
+            if with_frames:
+                allf = np.concatenate([frames[i] for i in with_frames])
+                parts = [group.encode(allf[s:s + batch_frames]) for s in range(0, len(allf), batch_frames)]
+                taps = {tap: np.concatenate([p[tap] for p in parts]).astype(group.transfer, copy=False)
+                        for tap in group.shapes}
+                offset = 0
+                for i in with_frames:
+                    k = len(frames[i])
+                    per_row[i] = {tap: arr[offset:offset + k] for tap, arr in taps.items()}
+                    offset += k
+        except Exception as e:  # noqa: BLE001 - recorded per video, never a stopped job
+            error, per_row = f"encoder failed: {_reason(e)}", {}
+        for tap, shape in group.shapes.items():
+            empty = np.zeros((0, *shape), group.transfer)
+            out[f"{group.name}/{tap}"] = _ragged([per_row[i][tap] if i in per_row else empty for i in range(n)])
+        out[f"{group.name}/error"] = np.array([error if i in rows else "" for i in range(n)], dtype=object)
     return out
 
 
@@ -135,36 +142,48 @@ class DecodeStage:
 
 
 class EncodeStage:
-    """Ray Data ``map_batches`` stage: chunk rows -> chunk rows with both feature streams."""
+    """Ray Data ``map_batches`` stage: chunk rows -> chunk rows with every group's taps.
 
-    def __init__(self, model_dir: str, device: str, compute_dtype: str, batch_frames: int, storage_dtype: str,
+    ``groups``: one plain dict per group, ``{"name", "model", "taps": {name: tap}, "image_size", "dtype"}``
+    (``extract.groups.GroupPlan.stage_spec``); each group's frozen encoder is loaded once per actor.
+    """
+
+    def __init__(self, groups: list[dict], device: str, compute_dtype: str, batch_frames: int,
                  threads: int | None):
         import torch
 
-        from dualfocus.extract.encoder import FrameEncoder
+        from dualfocus.encoders import load_encoder
+        from dualfocus.store.dtypes import transfer_dtype
 
         if threads:
             torch.set_num_threads(threads)
-        self.encoder = FrameEncoder(model_dir, device=device, compute_dtype=compute_dtype)
+        self.groups = []
+        for spec in groups:
+            encoder = load_encoder(spec["model"], device=device, compute_dtype=compute_dtype,
+                                   image_size=spec.get("image_size"))
+            taps = dict(spec["taps"])
+            self.groups.append(EncoderGroup(spec["name"], lambda frames, e=encoder, t=taps: e(frames, t),
+                                            encoder.tap_shapes(taps), transfer_dtype(spec["dtype"])))
         self.batch_frames = batch_frames
-        self.storage_dtype = storage_dtype
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return encode_chunks(batch, self.encoder, self.batch_frames, self.storage_dtype)
+        return encode_chunks(batch, self.groups, self.batch_frames)
 
 
 def encode_video(item: dict, decode: DecodeStage, encode: EncodeStage) -> dict[str, Any]:
     """One corpus row through extract's two stages in this process, its chunks joined (what ``ask`` runs).
 
-    Returns ``{"error", "semantic" [t, p+1, d], "spatiotemporal" [t, p/4, d], "timestamps" [t]}`` in the
-    transfer dtype, before the store's rounding; ``error`` is "" when fine, the arrays are absent otherwise.
+    Returns ``{"error", "timestamps" [t], "<group>/<tap>" [t, ...] for every group}`` in the transfer dtypes,
+    before the store's rounding; ``error`` is "" when fine (the first error otherwise, arrays absent).
     """
-    parts: dict[str, list[np.ndarray]] = {"semantic": [], "spatiotemporal": [], "timestamps": []}
+    columns = ["timestamps"] + [f"{g.name}/{tap}" for g in encode.groups for tap in g.shapes]
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in columns}
     for row in decode(item):
         if not row["error"]:
             row = {k: v[0] for k, v in encode({k: [v] for k, v in row.items()}).items()}  # a batch of one row
-        if row["error"]:
-            return {"error": row["error"]}
+        error = row["error"] or next((row[f"{g.name}/error"] for g in encode.groups if row[f"{g.name}/error"]), "")
+        if error:
+            return {"error": error}
         for key, chunks in parts.items():
             chunks.append(row[key])
     return {"error": "", **{key: np.concatenate(chunks) for key, chunks in parts.items()}}

@@ -215,6 +215,10 @@ class GroupWriter:
         """Entries (relative to the store root) deleted as uncommitted leftovers when opening."""
         return list(self._removed)
 
+    def video_open(self) -> bool:
+        """True between `begin_video` and `end_video`/`abort_video`."""
+        return self._video is not None
+
     # ---- per video ---------------------------------------------------------------------------------
     def begin_video(self, video_id: str, path: str, meta: dict | None = None) -> None:
         """Open a video; `meta` may hold n_frames, duration_s, native_fps."""
@@ -307,10 +311,16 @@ class GroupWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:  # crash path: leave the temp shard uncommitted; the next open removes it
-            if self._shard is not None:
-                self._shard.release()
-            self._release()
+        else:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Crash path: release the group without committing the open shard (the next open removes it)."""
+        if self._closed:
+            return
+        if self._shard is not None:
+            self._shard.release()
+        self._release()
 
     def _open_shard(self) -> None:
         final = layout.shard_name(self._index, self.format)

@@ -122,7 +122,7 @@ def test_ask_features_are_the_stored_features(toy_store, toy_corpus, tiny_model,
     assert built["DecodeStage"]["backend"] == fingerprint["decode_backend"]
     assert built["DecodeStage"]["fps"] == fingerprint["fps"] and built["DecodeStage"]["size"] == fingerprint["image_size"]
     assert built["EncodeStage"]["compute_dtype"] == fingerprint["compute_dtype"]
-    assert built["EncodeStage"]["storage_dtype"] == fingerprint["dtype"] == "float16"
+    assert built["EncodeStage"]["groups"][0]["dtype"] == fingerprint["dtype"] == "float16"
     stored = store[video_id]
     assert semantic.dtype == stored["semantic"].dtype == np.float16
     assert semantic.shape == stored["semantic"].shape and motion.shape == stored["spatiotemporal"].shape
@@ -145,7 +145,7 @@ class BigEncoder:
 
     def __call__(self, frames):
         n = len(frames)
-        return np.full((n, 3, 2), 1.0e5, np.float32), np.full((n, 1, 2), -7.0e4, np.float32)
+        return {"semantic": np.full((n, 3, 2), 1.0e5, np.float32), "spatiotemporal": np.full((n, 1, 2), -7.0e4, np.float32)}
 
 
 def _one_row_batch(n: int) -> dict:
@@ -155,12 +155,16 @@ def _one_row_batch(n: int) -> dict:
 
 
 def test_bf16_store_never_passes_through_fp16(tmp_path):
-    from dualfocus.extract.stages import encode_chunks
+    from dualfocus.extract.stages import EncoderGroup, encode_chunks
     from dualfocus.store import FeatureStore, GroupWriter
-    from dualfocus.store.dtypes import round_trip
+    from dualfocus.store.dtypes import round_trip, transfer_dtype
 
-    out = encode_chunks(_one_row_batch(2), BigEncoder(), batch_frames=8, storage_dtype="bfloat16")
-    semantic, motion = out["semantic"][0], out["spatiotemporal"][0]
+    def group(storage_dtype):
+        return [EncoderGroup("eva", BigEncoder(), {"semantic": (3, 2), "spatiotemporal": (1, 2)},
+                             transfer_dtype(storage_dtype))]
+
+    out = encode_chunks(_one_row_batch(2), group("bfloat16"), batch_frames=8)
+    semantic, motion = out["eva/semantic"][0], out["eva/spatiotemporal"][0]
     assert semantic.dtype == np.float32
     with GroupWriter(tmp_path, "eva", dtype="bfloat16", fingerprint={}, taps={"semantic": (3, 2), "spatiotemporal": (1, 2)},
                      sampling={"fps": 1.0, "max_frames": None}) as writer:
@@ -175,8 +179,8 @@ def test_bf16_store_never_passes_through_fp16(tmp_path):
     np.testing.assert_array_equal(round_trip(semantic, "bfloat16"), stored["semantic"])
     np.testing.assert_array_equal(round_trip(motion, "bfloat16"), stored["spatiotemporal"])
 
-    fp16 = encode_chunks(_one_row_batch(1), BigEncoder(), batch_frames=8, storage_dtype="float16")
-    assert fp16["semantic"][0].dtype == np.float16   # a float16 store travels as float16 (its own rounding)
+    fp16 = encode_chunks(_one_row_batch(1), group("float16"), batch_frames=8)
+    assert fp16["eva/semantic"][0].dtype == np.float16   # a float16 store travels as float16 (its own rounding)
 
 
 def test_frame_encoder_runs_in_the_dtype_asked_for(tiny_model):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dualfocus.extract.encoder import FrameEncoder, pool_tokens
-from dualfocus.extract.stages import encode_chunks
+from dualfocus.extract.stages import EncoderGroup, encode_chunks
 
 
 def test_pool_tokens_averages_consecutive_groups_of_four():
@@ -50,10 +50,14 @@ class CountingEncoder:
         ids = frames[:, 0, 0, 0].astype(np.float32)
         semantic = np.broadcast_to(ids[:, None, None], (len(frames), 5, 2))   # [n, P, D]
         motion = np.broadcast_to(-ids[:, None, None], (len(frames), 1, 2))    # [n, M, D]
-        return semantic.copy(), motion.copy()
+        return {"semantic": semantic.copy(), "spatiotemporal": motion.copy()}
 
 
-def chunk_batch(counts: list[int], errors: list[str] | None = None) -> dict:
+def group(encoder, name="eva") -> EncoderGroup:
+    return EncoderGroup(name, encoder, {"semantic": (5, 2), "spatiotemporal": (1, 2)}, np.dtype("<f2"))
+
+
+def chunk_batch(counts: list[int], errors: list[str] | None = None, need: list[str] | None = None) -> dict:
     """A batch of chunk rows whose frames are numbered 0, 1, 2, ... across the rows."""
     frames, start = [], 0
     for c in counts:
@@ -63,23 +67,39 @@ def chunk_batch(counts: list[int], errors: list[str] | None = None) -> dict:
         start += c
     holder = np.empty(len(counts), dtype=object)
     holder[:] = frames
-    return {"video_id": np.array([f"v{i}" for i in range(len(counts))]), "frames": holder,
-            "error": np.array(errors or [""] * len(counts), dtype=object)}
+    batch = {"video_id": np.array([f"v{i}" for i in range(len(counts))]), "frames": holder,
+             "error": np.array(errors or [""] * len(counts), dtype=object)}
+    if need is not None:
+        batch["need"] = np.array(need, dtype=object)
+    return batch
 
 
 def test_encode_chunks_batches_frames_across_rows_and_splits_them_back():
     encoder = CountingEncoder()
-    out = encode_chunks(chunk_batch([3, 0, 4]), encoder, batch_frames=5)
+    out = encode_chunks(chunk_batch([3, 0, 4]), [group(encoder)], batch_frames=5)
     assert encoder.calls == [5, 2]
     assert "frames" not in out
-    assert [len(s) for s in out["semantic"]] == [3, 0, 4]
-    np.testing.assert_array_equal(out["semantic"][2][:, 0, 0], [3, 4, 5, 6])
-    np.testing.assert_array_equal(out["spatiotemporal"][0][:, 0, 0], [0, -1, -2])
-    assert out["semantic"][0].dtype == np.float16
-    assert list(out["error"]) == ["", "", ""]
+    assert [len(s) for s in out["eva/semantic"]] == [3, 0, 4]
+    np.testing.assert_array_equal(out["eva/semantic"][2][:, 0, 0], [3, 4, 5, 6])
+    np.testing.assert_array_equal(out["eva/spatiotemporal"][0][:, 0, 0], [0, -1, -2])
+    assert out["eva/semantic"][0].dtype == np.float16 and out["eva/semantic"][1].shape == (0, 5, 2)
+    assert list(out["error"]) == ["", "", ""] and list(out["eva/error"]) == ["", "", ""]
 
 
-def test_encoder_failure_fails_every_row_of_the_batch_but_keeps_earlier_errors():
-    out = encode_chunks(chunk_batch([2, 0], ["", "file not found"]), CountingEncoder(fail=True), batch_frames=8)
-    assert list(out["error"]) == ["encoder failed: RuntimeError: CUDA out of memory", "file not found"]
-    assert [len(s) for s in out["semantic"]] == [0, 0]
+def test_encoder_failure_fails_the_batch_in_its_own_group_only():
+    out = encode_chunks(chunk_batch([2, 1, 0], ["", "", "file not found"]),
+                        [group(CountingEncoder(fail=True), "eva"), group(CountingEncoder(), "dino")], batch_frames=8)
+    assert list(out["eva/error"]) == ["encoder failed: RuntimeError: CUDA out of memory"] * 2 + [""]
+    assert list(out["dino/error"]) == ["", "", ""] and list(out["error"]) == ["", "", "file not found"]
+    assert [len(s) for s in out["eva/semantic"]] == [0, 0, 0]
+    assert [len(s) for s in out["dino/semantic"]] == [2, 1, 0]
+
+
+def test_each_group_encodes_only_the_rows_that_need_it():
+    eva, dino = CountingEncoder(), CountingEncoder()
+    out = encode_chunks(chunk_batch([2, 3, 1], need=["eva,dino", "dino", ""]), [group(eva, "eva"), group(dino, "dino")],
+                        batch_frames=8)
+    assert eva.calls == [3] and dino.calls == [6]          # row 1 is already in eva; "" means every group
+    assert [len(s) for s in out["eva/semantic"]] == [2, 0, 1]
+    np.testing.assert_array_equal(out["eva/semantic"][2][:, 0, 0], [5])
+    np.testing.assert_array_equal(out["dino/semantic"][1][:, 0, 0], [2, 3, 4])
