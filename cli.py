@@ -103,6 +103,8 @@ def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/
             encoder: Optional[list[str]] = typer.Option(
                 None, "--encoder", "-e", help="Another stream group from the same decode: NAME=DIR (repeatable; "
                 "taps default per family, set them in a recipe's encoders) [encoders.NAME.model]."),
+            pixels: Optional[int] = typer.Option(
+                None, "--pixels", help="Also store the frames as a group, long side resized to this [pixels.long_side]."),
             overwrite: bool = typer.Option(False, "--overwrite", help="Replace the stream groups this run writes."),
             limit: Optional[int] = typer.Option(None, help="Process at most N new videos."),
             max_failures: Optional[str] = typer.Option(
@@ -120,6 +122,7 @@ def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/
         "decode.fps": fps, "decode.max_frames": max_frames, "store.format": format, "store.dtype": dtype,
         "encoder.batch_frames": batch_size, "ray.decode_workers": decode_workers,
         "ray.encoder_actors": encoder_actors, "ray.gpus_per_actor": gpus_per_actor, "ray.address": ray_address,
+        "pixels.long_side": pixels,
         "limit": limit, "max_failures": yaml.safe_load(max_failures) if max_failures is not None else None})
     if overwrite:
         values["overwrite"] = True

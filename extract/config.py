@@ -90,6 +90,26 @@ class StoreConfig:
 
 
 @dataclass
+class PixelsConfig:
+    """The pixels group (Video-Panda trains its whole tower, so it reads frames, not features)."""
+
+    long_side: int | None = None
+    """Write the decoded frames as a group: aspect kept, long side resized to this (Video-Panda: 448; a smaller
+    frame is kept, not upscaled), zero-padded to long_side x long_side with each frame's valid box; uint8, not
+    normalised. null = no pixels group."""
+    group: str = "pixels"
+    """Name of the pixels group."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.long_side is not None and self.long_side < 1:
+            problems.append(f"long_side must be >= 1 or null, got {self.long_side}")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.group) or self.group == "timestamps":
+            problems.append(f"group must be letters, digits, '_' or '-' (not 'timestamps'), got {self.group!r}")
+        return problems
+
+
+@dataclass
 class RayConfig:
     """Where and how wide the Ray Data pipeline runs."""
 
@@ -133,8 +153,8 @@ class ExtractConfig:
     out: str = ""
     """Feature store directory to create or resume."""
     overwrite: bool = False
-    """Replace the stream group `store.group` first (needed when its encoder fingerprint differs); the store's other
-    groups stay."""
+    """Replace the stream groups this run writes (needed when a group's encoder fingerprint differs); the store's
+    other groups stay."""
     limit: int | None = None
     """Process at most this many not-yet-extracted videos (a quick trial run)."""
     max_failures: int | float | None = 0.05
@@ -143,6 +163,7 @@ class ExtractConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    pixels: PixelsConfig = field(default_factory=PixelsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def check(self) -> list[str]:
@@ -150,8 +171,8 @@ class ExtractConfig:
         for name in ("corpus", "out"):
             if not getattr(self, name):
                 problems.append(f"{name} is required")
-        if not self.model and not self.encoders:
-            problems.append("model is required (or encoders, naming the groups to write)")
+        if not self.model and not self.encoders and self.pixels.long_side is None:
+            problems.append("model is required (or encoders or pixels.long_side, naming the groups to write)")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit must be >= 1 or null, got {self.limit}")
         mf = self.max_failures

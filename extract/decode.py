@@ -4,8 +4,9 @@ Two backends share the :class:`VideoDecoder` protocol: :class:`DecordDecoder` (d
 :class:`PyAVDecoder` (FFmpeg bundled with PyAV; the fallback when decord fails on a file).
 :func:`decode_video` is the entry point used by the extract stage.
 
-Frames leave this module as uint8 RGB ``[k, size, size, 3]`` chunks (``k <= chunk_frames``), so
-the memory held at any time is bounded by ``chunk_frames``, never by the video length.
+Frames leave this module as uint8 RGB ``[k, size, size, 3]`` chunks (``k <= chunk_frames``), or as a dict of
+views per chunk when the pixels group is written too (:class:`FrameViews`), so the memory held at any time is
+bounded by ``chunk_frames``, never by the video length.
 Normalisation with the encoder's mean/std happens in the encoder, not here.
 
 Legend: ``t`` sampled frames, ``n`` native frames of the file, ``k`` frames in one chunk.
@@ -101,8 +102,9 @@ def decode_video(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if size < 1 or chunk_frames < 1:
-        raise ValueError(f"size and chunk_frames must be >= 1, got {size} and {chunk_frames}")
+    bad = size.problems() if isinstance(size, FrameViews) else ([] if size >= 1 else [f"size must be >= 1, got {size}"])
+    if bad or chunk_frames < 1:
+        raise ValueError("; ".join(bad + ([] if chunk_frames >= 1 else [f"chunk_frames must be >= 1, got {chunk_frames}"])))
     path = str(path)
     _check_file(path)
     decoders: list[VideoDecoder] = [DecordDecoder(), PyAVDecoder()]
@@ -355,10 +357,57 @@ def _scan_packets(container, stream) -> tuple[int, float]:
     return n, (hi - lo if n else 0.0)
 
 
-def _resize_stack(frames: Iterable[np.ndarray], size: int) -> np.ndarray:
-    """Resize RGB frames ``[h, w, 3]`` to ``[size, size, 3]`` (bicubic, aspect ignored), stacked."""
+@dataclass(frozen=True)
+class FrameViews:
+    """Decode into several views of each frame, each made from the decoded frame itself (never from another view).
+
+    ``square``: ``[size, size, 3]``, aspect ignored (what encoders read; None = no such view). ``long_side``:
+    aspect kept, the long side resized to this (never upscaled: a smaller frame keeps its size), zero-padded at
+    the bottom and right to ``[long_side, long_side, 3]`` (the pixels group), with each frame's valid ``box``
+    ``(height, width)``. Passing a ``FrameViews`` as ``size`` makes every chunk a dict:
+    ``{"frames": [k, S, S, 3] (or [k, 0, 0, 3]), "pixels": [k, L, L, 3], "box": int32 [k, 2]}``.
+    """
+
+    square: int | None
+    long_side: int
+
+    def problems(self) -> list[str]:
+        bad = [] if self.square is None or self.square >= 1 else [f"square size must be >= 1, got {self.square}"]
+        return bad + ([] if self.long_side >= 1 else [f"long_side must be >= 1, got {self.long_side}"])
+
+
+def fit_long_side(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(height, width) with the long side at most ``long_side``, aspect kept (rounded, >= 1), never upscaled."""
+    scale = long_side / max(height, width)
+    if scale >= 1:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _resize_views(frames: Iterable[np.ndarray], views: FrameViews) -> dict[str, np.ndarray]:
     from PIL import Image
 
+    frames = list(frames)
+    size, n = views.long_side, len(frames)
+    pixels = np.zeros((n, size, size, 3), np.uint8)
+    box = np.zeros((n, 2), np.int32)
+    for i, frame in enumerate(frames):
+        h, w = fit_long_side(frame.shape[0], frame.shape[1], size)
+        if (h, w) != frame.shape[:2]:
+            frame = np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
+        pixels[i, :h, :w], box[i] = frame, (h, w)
+    square = (_resize_stack(frames, views.square) if views.square is not None and n
+              else np.zeros((n, 0, 0, 3), np.uint8))
+    return {"frames": square, "pixels": pixels, "box": box}
+
+
+def _resize_stack(frames: Iterable[np.ndarray], size: "int | FrameViews"):
+    """Resize RGB frames ``[h, w, 3]`` to ``[size, size, 3]`` (bicubic, aspect ignored), stacked; or, for a
+    ``FrameViews``, to each of its views (a dict, see there)."""
+    from PIL import Image
+
+    if isinstance(size, FrameViews):
+        return _resize_views(frames, size)
     out = []
     for frame in frames:
         if frame.shape[:2] != (size, size):

@@ -35,15 +35,22 @@ class GroupPlan:
 
     name: str
     family: str
+    """The encoder family, or ``pixels`` for the pixels group."""
     model: str
     taps: dict[str, str]
     image_size: int
-    """The square frame size its encoder reads."""
+    """The square frame size its encoder reads (the pixels group: its long side)."""
     dtype: str
     shapes: dict[str, tuple[int, ...]]
     fingerprint: dict
     override_size: int | None = None
     """``image_size`` as the entry gave it (for families that take other sizes)."""
+    tap_dtypes: dict[str, str] | None = None
+    """Per-tap storage dtypes where they differ from ``dtype`` (the pixels group's box)."""
+
+    @property
+    def kind(self) -> str:
+        return "pixels" if self.family == "pixels" else "encoder"
 
     def stage_spec(self) -> dict:
         """What an encoder actor needs to build this group's encoder (plain, picklable)."""
@@ -90,7 +97,7 @@ def plan_groups(cfg: ExtractConfig, compute_dtype: str) -> list[GroupPlan]:
 
     problems: list[str] = []
     entries = _entries(cfg, problems)
-    if not entries and not problems:
+    if not entries and not problems and cfg.pixels.long_side is None:
         problems.append("no encoder given: pass --model DIR, or encoders in a recipe (--encoder NAME=DIR)")
     plans = []
     for name, entry in entries.items():
@@ -130,6 +137,20 @@ def plan_groups(cfg: ExtractConfig, compute_dtype: str) -> list[GroupPlan]:
         plans.append(GroupPlan(name=name, family=info.family.name, model=str(entry["model"]), taps=dict(taps), image_size=info.spec.size,
                                dtype=dtype, shapes=info.tap_shapes(taps), fingerprint=fingerprint,
                                override_size=entry.get("image_size")))
+    if cfg.pixels.long_side is not None:
+        if cfg.pixels.group in entries:
+            problems.append(f"pixels.group: {cfg.pixels.group!r} is also an encoder group; pick another name")
+        plans.append(pixels_plan(cfg))
     if problems:
         raise UserError("; ".join(problems))
     return plans
+
+
+def pixels_plan(cfg: ExtractConfig) -> GroupPlan:
+    """The pixels group: uint8 frames, long side ``pixels.long_side``, padded, with each frame's valid box."""
+    side = cfg.pixels.long_side
+    return GroupPlan(name=cfg.pixels.group, family="pixels", model="", taps={"frames": "pixels", "box": "box"},
+                     image_size=side, dtype="uint8", shapes={"frames": (side, side, 3), "box": (2,)},
+                     fingerprint={"kind": "pixels", "long_side": side, "resample": "bicubic", "layout": "top-left padded",
+                                  "decode_backend": cfg.decode.backend},
+                     tap_dtypes={"box": "int32"})

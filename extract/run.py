@@ -190,6 +190,7 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list):
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    from dualfocus.extract.decode import FrameViews
     from dualfocus.extract.stages import DecodeStage, EncodeStage
     from dualfocus.pipeline.progress import quiet_ray_data
     from dualfocus.store.dtypes import transfer_dtype
@@ -200,16 +201,20 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list):
     # max_restarts (below) has no named parameter: Ray 2.60 warns that its **ray_remote_args route goes
     # away in Ray 2.64 (ray-project/ray#65228). The warning is for us, not for the user running extract.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-    size = max(plan.image_size for plan in plans)
+    encoders = [plan for plan in plans if plan.kind == "encoder"]
+    pixels = next((plan for plan in plans if plan.kind == "pixels"), None)
+    square = max((plan.image_size for plan in encoders), default=None)
+    size = square if pixels is None else FrameViews(square=square, long_side=pixels.image_size)
     # Memory is bounded by batches, not by video length. Blocks: about one chunk each (Ray's default of
     # 128 MiB would let a long video pile up in the decoding actor and travel as one object). Buffering:
     # decoding is far faster than a CPU encoder and would otherwise run ahead through a whole video, so
     # the object store budget of the pipeline is capped at a few encoder batches (in and out) per
     # encoder actor, and each encoder actor holds at most 2 batches (one running, one queued).
     feature_bytes = sum(int(np.prod(shape)) * transfer_dtype(plan.dtype).itemsize
-                        for plan in plans for shape in plan.shapes.values())
-    frame_bytes = size * size * 3 + feature_bytes
-    ctx.target_max_block_size = cfg.decode.chunk_frames * size * size * 3
+                        for plan in encoders for shape in plan.shapes.values())
+    decoded_bytes = (square or 0) ** 2 * 3 + (pixels.image_size ** 2 * 3 + 8 if pixels else 0)
+    frame_bytes = decoded_bytes + feature_bytes
+    ctx.target_max_block_size = cfg.decode.chunk_frames * decoded_bytes
     budget = max(32 * 2**20, 4 * cfg.encoder.batch_frames * frame_bytes * cfg.ray.encoder_actors)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
     rows_per_batch = max(1, cfg.encoder.batch_frames // cfg.decode.chunk_frames)
@@ -229,9 +234,11 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list):
         num_cpus=cfg.ray.decode_cpus,
         **restarts,
     )
+    if not encoders:  # the pixels group alone: nothing to encode
+        return ds
     ds = ds.map_batches(
         EncodeStage,
-        fn_constructor_kwargs=dict(groups=[plan.stage_spec() for plan in plans], device=cfg.encoder.device,
+        fn_constructor_kwargs=dict(groups=[plan.stage_spec() for plan in encoders], device=cfg.encoder.device,
                                    compute_dtype=planned_compute_dtype(cfg.encoder.device, cfg.encoder.compute_dtype,
                                                                        cfg.ray.gpus_per_actor),
                                    batch_frames=cfg.encoder.batch_frames, threads=cfg.encoder.threads),
@@ -252,9 +259,10 @@ def open_writers(cfg: ExtractConfig, plans: list) -> dict:
     writers = {}
     try:
         for plan in plans:
-            taps = {name: TapInfo(plan.shapes[name], plan.dtype, tap) for name, tap in plan.taps.items()}
+            dtypes = plan.tap_dtypes or {}
+            taps = {name: TapInfo(plan.shapes[name], dtypes.get(name, plan.dtype), tap) for name, tap in plan.taps.items()}
             writers[plan.name] = GroupWriter(
-                cfg.out, plan.name, taps=taps, fingerprint=plan.fingerprint, sampling=sampling(cfg),
+                cfg.out, plan.name, taps=taps, fingerprint=plan.fingerprint, sampling=sampling(cfg), kind=plan.kind,
                 format=cfg.store.format, videos_per_shard=cfg.store.videos_per_shard,
                 max_shard_bytes=cfg.store.max_shard_mb * 2**20, overwrite=cfg.overwrite)
     except BaseException:
@@ -276,7 +284,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     compute_dtype = planned_compute_dtype(cfg.encoder.device, cfg.encoder.compute_dtype, cfg.ray.gpus_per_actor)
     plans = plan_groups(cfg, compute_dtype)        # errors on a bad model dir, family or tap before any work
     for plan in plans:
-        check_vision_weights(plan.model, "vision_model." if plan.family == "eva" else "")
+        if plan.kind == "encoder":
+            check_vision_weights(plan.model, "vision_model." if plan.family == "eva" else "")
     summary = ExtractSummary(store=cfg.out, total=len(rows))
     start = time.perf_counter()
     writers = open_writers(cfg, plans)

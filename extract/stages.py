@@ -8,6 +8,7 @@ fails yields a single row whose ``error`` is set. Keys of a chunk row:
     n_frames int, duration_s float, native_fps float,
     need str (groups that still lack the video, comma-separated; "" = all)
     timestamps float32 [k], frames uint8 [k, S, S, 3]            (after decoding)
+    pixels uint8 [k, L, L, 3], box int32 [k, 2]                   (when the pixels group is written)
     <group>/<tap> [k, ...], <group>/error str                     (after encoding; frames dropped)
 
 ``encode_video`` runs one video through the same two stages in-process, for ``dualfocus ask``.
@@ -29,24 +30,34 @@ def _row(base: dict, **extra) -> dict:
     return row
 
 
-def decode_chunks(item: dict, decode_fn, *, fps: float, max_frames: int | None, size: int,
+def decode_chunks(item: dict, decode_fn, *, fps: float, max_frames: int | None, size,
                   chunk_frames: int) -> Iterator[dict]:
     """Yield the chunk rows of one corpus row ``{video_id, path}``; never raises for a bad video.
 
     ``decode_fn(path, fps, max_frames, size, chunk_frames) -> (info, timestamps, chunk iterator)`` is
-    the decoder (a DecodeWorker's ``decode`` in the pipeline, ``decode_video`` in tests).
+    the decoder (a DecodeWorker's ``decode`` in the pipeline, ``decode_video`` in tests); ``size`` is the square
+    frame size, or a ``decode.FrameViews`` when the pixels group is written too.
     """
-    empty = dict(frames=np.zeros((0, size, size, 3), np.uint8), timestamps=np.zeros((0,), np.float32))
+    from dualfocus.extract.decode import FrameViews
+
+    if isinstance(size, FrameViews):  # chunks are dicts: square frames for the encoders, pixels and boxes
+        square, long = size.square or 0, size.long_side
+        empty = dict(frames=np.zeros((0, square, square, 3), np.uint8), pixels=np.zeros((0, long, long, 3), np.uint8),
+                     box=np.zeros((0, 2), np.int32))
+    else:
+        empty = dict(frames=np.zeros((0, size, size, 3), np.uint8))
+    empty["timestamps"] = np.zeros((0,), np.float32)
     try:
         info, timestamps, chunks = decode_fn(item["path"], fps, max_frames, size, chunk_frames)
         meta = dict(n_frames=len(timestamps), duration_s=float(info.duration_s), native_fps=float(info.native_fps))
         start = 0
         pending = None  # hold one chunk back so the last one can be flagged
-        for i, frames in enumerate(chunks):
+        for i, chunk in enumerate(chunks):
             if pending is not None:
                 yield pending
-            k = len(frames)
-            pending = _row(item, chunk=i, last=False, frames=np.asarray(frames, np.uint8),
+            views = chunk if isinstance(chunk, dict) else {"frames": chunk}
+            k = len(views["frames"])
+            pending = _row(item, chunk=i, last=False, **{name: np.asarray(a) for name, a in views.items()},
                            timestamps=np.asarray(timestamps[start:start + k], np.float32), **meta)
             start += k
         if pending is None or start != len(timestamps):

@@ -47,7 +47,7 @@ def write_rows(rows, writers: dict, summary: ExtractSummary, on_video=None) -> N
                 continue
             if not writer.video_open():
                 writer.begin_video(vid, row["path"], _meta(row))
-            writer.add_frames({tap: row[f"{group}/{tap}"] for tap in writer.taps}, row["timestamps"])
+            writer.add_frames(_arrays(row, group, writer), row["timestamps"])
             if row["last"]:
                 result = results[group] = writer.end_video()
                 counts["ok"] += 1
@@ -58,6 +58,13 @@ def write_rows(rows, writers: dict, summary: ExtractSummary, on_video=None) -> N
             if on_video:
                 on_video(next((r for r in results.values() if r["status"] != "ok"), results[need[0]]))
             video, finished = None, vid
+
+
+def _arrays(row: dict, group: str, writer) -> dict:
+    """The arrays of ``row`` that ``group`` stores: its encoder's taps, or the decoded pixels and boxes."""
+    if writer.kind == "pixels":
+        return {"frames": row["pixels"], "box": row["box"]}
+    return {tap: row[f"{group}/{tap}"] for tap in writer.taps}
 
 
 def _count_video(vid: str, results: list[dict], summary: ExtractSummary) -> None:

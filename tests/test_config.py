@@ -19,6 +19,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = {
     "extract.yaml": ExtractConfig,
     "extract_gpu_cluster.yaml": ExtractConfig,
+    "extract_streams.yaml": ExtractConfig,
     "train_tiny.yaml": TrainConfig,
     "train_paper.yaml": TrainConfig,
     "generate.yaml": GenerateConfig,
@@ -108,7 +109,7 @@ def test_missing_and_malformed_yaml_files_are_named(tmp_path):
 
 def test_field_docs_are_read_from_the_class_body():
     docs = field_docs(ExtractConfig)
-    assert docs["overwrite"].startswith("Delete an existing store first")
+    assert docs["overwrite"].startswith("Replace the stream groups this run writes")
     keys = {k for k, _, _ in describe_keys(ExtractConfig)}
     assert {"decode.fps", "store.format", "ray.gpus_per_actor", "max_failures"} <= keys
     assert all(doc for _, _, doc in describe_keys(TrainConfig)), "every train config field needs a doc line"

@@ -40,10 +40,10 @@ def refused(proc) -> str:
 
 @pytest.fixture(scope="module")
 def two_groups(tmp_path_factory, toy_corpus, tiny_model, encoders) -> tuple[Path, str]:
-    """eva (--model) and dino (--encoder) written by one extract run."""
+    """eva (--model), dino (--encoder) and the pixels (--pixels 64) written by one extract run."""
     store = tmp_path_factory.mktemp("groups") / "store"
     out = run_cli("extract", toy_corpus / "videos", "--model", tiny_model, "--encoder", f"dino={encoders['dinov2']}",
-                  "--out", store, "--no-progress").stdout
+                  "--pixels", 64, "--out", store, "--no-progress").stdout
     return store, out
 
 
@@ -51,8 +51,9 @@ def test_one_decode_fills_every_group(two_groups, toy_store, toy_corpus, encoder
     store, out = two_groups
     assert "videos: 12 in corpus | ok 12 | failed 0 | skipped 0" in out
     assert "  group eva: ok 12 | failed 0" in out and "  group dino: ok 12 | failed 0" in out
+    assert "  group pixels: ok 12 | failed 0" in out
     features = FeatureStore.open(store)
-    assert features.streams() == ["dino.grid", "eva.semantic", "eva.spatiotemporal"]
+    assert features.streams() == ["dino.grid", "eva.semantic", "eva.spatiotemporal", "pixels.box", "pixels.frames"]
     assert features.group_info("dino").fingerprint["family"] == "dinov2"
     assert features.group_info("dino").taps["grid"].shape == (256, 64)
     # the default group holds the same numbers as a store extracted with --model alone
@@ -60,6 +61,18 @@ def test_one_decode_fills_every_group(two_groups, toy_store, toy_corpus, encoder
     for video_id in alone.video_ids():
         np.testing.assert_allclose(features[video_id]["semantic"].astype(np.float32),
                                    alone[video_id]["semantic"].astype(np.float32), rtol=2e-3, atol=2e-3)
+    # the pixels: uint8 frames, long side 64 (the toy clips are 96 x 96), the box saying what is real
+    info = features.group_info("pixels")
+    assert info.kind == "pixels" and info.fingerprint["long_side"] == 64
+    assert {k: (v.shape, v.dtype) for k, v in info.taps.items()} == {"frames": ((64, 64, 3), "uint8"),
+                                                                      "box": ((2,), "int32")}
+    for video_id in alone.video_ids():
+        got = features.read(video_id, streams=["frames", "box"])
+        assert got["frames"].dtype == np.uint8 and got["frames"].shape[1:] == (64, 64, 3)
+        assert (got["box"] == [64, 64]).all() and got["frames"].std() > 5
+        np.testing.assert_array_equal(got.timestamps, alone[video_id].timestamps)
+    inspect = run_cli("inspect", store).stdout
+    assert "group pixels: pixels, zarr" in inspect and "tap pixels.frames (pixels): [t, 64, 64, 3] uint8" in inspect
     # dino's grid is what its own tower gives on the same decoded frames
     from dualfocus.encoders import load_encoder
     from dualfocus.extract.decode import decode_video
@@ -77,14 +90,14 @@ def test_a_group_added_later_leaves_the_others_untouched(two_groups, toy_corpus,
     import shutil
 
     store = shutil.copytree(two_groups[0], tmp_path / "store")
-    before = {g: files(store / "groups" / g) for g in ("eva", "dino")}
+    before = {g: files(store / "groups" / g) for g in ("eva", "dino", "pixels")}
     out = run_cli("extract", toy_corpus / "videos", "--encoder", f"siglip={encoders['siglip']}", "--out", store,
                   "--no-progress", "store.dtype=int8").stdout
     assert "videos: 12 in corpus | ok 12 | failed 0 | skipped 0" in out
-    assert {g: files(store / "groups" / g) for g in ("eva", "dino")} == before
+    assert {g: files(store / "groups" / g) for g in ("eva", "dino", "pixels")} == before
     features = FeatureStore.open(store)
     assert features.group_info("siglip").taps["grid"].dtype == "int8"
-    assert features.video_ids() == features.video_ids(["dino.grid", "siglip.grid"]) and len(features) == 12
+    assert features.video_ids() == features.video_ids(["dino.grid", "siglip.grid", "frames"]) and len(features) == 12
     assert features.read(features.video_ids()[0], streams=["siglip.grid"])["siglip.grid"].dtype == np.float32
     # every group done: nothing to decode
     line = refused(run_cli("extract", toy_corpus / "videos", "--model", encoders["siglip"], "--out", store,
