@@ -207,14 +207,16 @@ def test_unusable_model_dir_is_one_line_naming_the_path(kind, tmp_path, tiny_mod
 
 @pytest.mark.parametrize("kind", ["no_config", "broken_config", "no_weights", "corrupt_weights"])
 def test_unusable_model_dir_is_refused_before_any_work(kind, tmp_path, tiny_model, toy_corpus):
-    """The same checks in-process (quicker than the CLI): a ModelLoadError naming the path, nothing written."""
+    """The same checks in-process (quicker than the CLI): a ModelLoadError (or, from the check of every group
+    at once, a UserError) naming the path, nothing written."""
     from dualfocus.extract.config import ExtractConfig
     from dualfocus.extract.run import run_extract
+    from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.models import ModelLoadError
 
     model = not_a_model(kind, tmp_path, tiny_model)
     cfg = ExtractConfig(corpus=str(toy_corpus / "videos"), model=str(model), out=str(tmp_path / "store"))
-    with pytest.raises(ModelLoadError, match=str(model)):
+    with pytest.raises((ModelLoadError, UserError), match=str(model)):
         run_extract(cfg, progress=False)
     assert not (tmp_path / "store").exists()
 

@@ -4,7 +4,8 @@ RUN_DIR/
     train_config.yaml        resolved config of the run (compared on --resume)
     checkpoints/stepNNNNNNN/ DeepSpeed checkpoint of the trainable weights + optimiser + scheduler
                              (frozen LLM excluded), each rank's RNG (rng_rankN.pt) and our client
-                             state (client_state.pt: step, data position, world size; written last)
+                             state (client_state.pt: step, data position, streamed or not, world
+                             size; written last)
     metrics.jsonl            one line per logged step
     loss.png                 loss curve, written at the end
     final/connector.safetensors + final/dualfocus.json   the export that generate/ask load

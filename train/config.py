@@ -59,7 +59,12 @@ class DataConfig:
     """Question tokens the Q-Former reads (its own tokenizer, CLS/SEP included); longer questions are cut.
     Recorded in the export so inference cuts the same way."""
     shuffle: bool = True
-    """Shuffle with a seeded permutation per epoch (reproducible, resumable)."""
+    """Shuffle with a seeded permutation per epoch (reproducible, resumable); streaming, a seeded shard order and
+    an in-shard buffer."""
+    streaming: bool | Literal["auto"] = "auto"
+    """Read WebDataset shards as streams: shards in a seeded order per epoch, each read front to back, samples
+    mixed by a small buffer within a shard (train/streaming.py). auto = stream when every group read is
+    WebDataset; false = random access by sample (any store); true on a Zarr store is an error."""
 
     def check(self) -> list[str]:
         problems = []

@@ -1,7 +1,8 @@
 """``run_train``: DeepSpeed training of the DualFocus connector on cached features, resumable exactly.
 
 Single process by default (a one-rank gloo/nccl group is set up here); under the ``deepspeed`` launcher
-or ``torchrun`` the same code runs data-parallel, each rank taking every ``world``-th batch. Every rank
+or ``torchrun`` the same code runs data-parallel, each rank taking every ``world``-th batch (streaming a
+WebDataset store, ``data.streaming``: its own run of batches, see ``train/streaming.py``). Every rank
 makes the same decisions: the step loss is averaged over ranks before it is checked or logged, so a
 non-finite loss on one rank stops all of them with the same message instead of leaving the others
 waiting in the next collective.
@@ -183,6 +184,7 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     from dualfocus.train.plot import plot_loss
     from dualfocus.train.prepare import prepare_samples
     from dualfocus.train.sampler import ResumableBatches
+    from dualfocus.train.streaming import StreamingQADataset, wants_streaming
 
     run_dir = Path(cfg.out)
     check_resume(cfg, run_dir, resume)
@@ -197,14 +199,20 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
                                max_answer_tokens=cfg.data.max_answer_tokens,
                                max_question_tokens=cfg.data.max_question_tokens)
     check_context_length(prepared.samples, cfg.data.max_frames, limits)
+    streaming = wants_streaming(cfg.data.streaming, cfg.store, prepared.store_info["streams"])
     rank, world = init_distributed()
     is_main = rank == 0
     resume_tag = ckpt.latest_complete_tag(run_dir) if resume else None
     if resume_tag is not None:
-        saved_world = ckpt.read_client_state(run_dir, resume_tag)["world"]
+        saved = ckpt.read_client_state(run_dir, resume_tag)
+        saved_world = saved["world"]
         if saved_world != world:  # each rank's data position and RNG belong to that world size
             raise UserError(f"--resume: {run_dir} was trained by {saved_world} process(es), this run has {world}; "
                             f"resume with {saved_world} (the data order and RNG state depend on it)")
+        if saved.get("streaming", streaming) != streaming:  # data.streaming=auto, and the store changed format
+            raise UserError(f"--resume: {run_dir} was trained {'streaming' if saved['streaming'] else 'indexing'} "
+                            f"the store, and data.streaming={cfg.data.streaming} now resolves the other way for "
+                            f"{cfg.store}; the data order would differ")
     if is_main:
         save_config(cfg, run_dir / "train_config.yaml")
 
@@ -222,8 +230,13 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world), model_parameters=trainable)
 
-    batches = ResumableBatches(len(prepared.samples), cfg.data.batch_size, cfg.seed, cfg.data.shuffle, rank, world)
-    per_epoch = batches.batches_per_epoch
+    if streaming:  # shards in a seeded order, each read front to back (train/streaming.py)
+        dataset = StreamingQADataset(cfg.store, prepared.samples, cfg.data.max_frames, cfg.data.batch_size, cfg.seed,
+                                     cfg.data.shuffle, rank, world, prepared.store_info["streams"])
+        per_epoch = dataset.batches_per_epoch
+    else:
+        per_epoch = ResumableBatches(len(prepared.samples), cfg.data.batch_size, cfg.seed, cfg.data.shuffle, rank,
+                                     world).batches_per_epoch
     micro_per_step = cfg.optim.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / micro_per_step))
 
@@ -231,13 +244,17 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     if resume_tag is not None:
         client = ckpt.load_checkpoint(engine, run_dir, resume_tag)
         start_step, consumed = client["step"], client["micro_batches"]
-    batches = ResumableBatches(len(prepared.samples), cfg.data.batch_size, cfg.seed, cfg.data.shuffle, rank, world,
-                               position=(consumed // per_epoch, consumed % per_epoch))
-    dataset = FeatureQADataset(cfg.store, prepared.samples, cfg.data.max_frames)
+    position = (consumed // per_epoch, consumed % per_epoch)
+    if streaming:  # the dataset yields whole batches
+        dataset.position, batching = position, {"batch_size": None}
+    else:
+        dataset = FeatureQADataset(cfg.store, prepared.samples, cfg.data.max_frames)
+        batching = {"batch_sampler": ResumableBatches(len(prepared.samples), cfg.data.batch_size, cfg.seed,
+                                                      cfg.data.shuffle, rank, world, position=position)}
     # The loader gets its own generator: starting an iterator draws a worker seed, and drawing it from the
     # global RNG would shift the dropout stream of a resumed run away from the uninterrupted one.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
+        dataset, **batching, num_workers=cfg.data.num_workers,
         collate_fn=functools.partial(collate, qformer_pad_id=prepared.qformer_pad_id),
         persistent_workers=cfg.data.num_workers > 0, prefetch_factor=4 if cfg.data.num_workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed))
@@ -293,7 +310,8 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
                 metrics.flush()
             advance(step_loss, samples_seen / elapsed)
             if step % cfg.save_every == 0 or step == total_steps:
-                ckpt.save_checkpoint(engine, run_dir, step, {"step": step, "micro_batches": consumed},
+                ckpt.save_checkpoint(engine, run_dir, step,
+                                     {"step": step, "micro_batches": consumed, "streaming": streaming},
                                      cfg.keep_checkpoints)
     seconds = time.perf_counter() - t0
     export = plot = ""
