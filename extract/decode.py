@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from dualfocus.extract.resize import FrameViews, resize_stack
 from dualfocus.pipeline.sampling import uniform_indices
 
 BACKENDS = ("decord", "pyav")
@@ -192,7 +193,7 @@ class DecordDecoder:
                 batch = vr.get_batch(unique.tolist()).asnumpy()  # [u, h, w, 3]
             except Exception as exc:  # noqa: BLE001
                 raise DecodeError(_reason(exc)) from exc
-            yield _resize_stack((batch[j] for j in inverse), size)
+            yield resize_stack((batch[j] for j in inverse), size)
 
     def _open(self, path: str):
         import decord
@@ -251,10 +252,10 @@ class PyAVDecoder:
                 for frame in picked:  # [h, w, 3]
                     chunk.append(frame)
                     if len(chunk) == chunk_frames:
-                        yield _resize_stack(chunk, size)
+                        yield resize_stack(chunk, size)
                         chunk = []
                 if chunk:
-                    yield _resize_stack(chunk, size)
+                    yield resize_stack(chunk, size)
             except DecodeError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -355,65 +356,6 @@ def _scan_packets(container, stream) -> tuple[int, float]:
         hi = max(hi, start + float((packet.duration or 0) * stream.time_base))
     container.seek(0, stream=stream)
     return n, (hi - lo if n else 0.0)
-
-
-@dataclass(frozen=True)
-class FrameViews:
-    """Decode into several views of each frame, each made from the decoded frame itself (never from another view).
-
-    ``square``: ``[size, size, 3]``, aspect ignored (what encoders read; None = no such view). ``long_side``:
-    aspect kept, the long side resized to this (never upscaled: a smaller frame keeps its size), zero-padded at
-    the bottom and right to ``[long_side, long_side, 3]`` (the pixels group), with each frame's valid ``box``
-    ``(height, width)``. Passing a ``FrameViews`` as ``size`` makes every chunk a dict:
-    ``{"frames": [k, S, S, 3] (or [k, 0, 0, 3]), "pixels": [k, L, L, 3], "box": int32 [k, 2]}``.
-    """
-
-    square: int | None
-    long_side: int
-
-    def problems(self) -> list[str]:
-        bad = [] if self.square is None or self.square >= 1 else [f"square size must be >= 1, got {self.square}"]
-        return bad + ([] if self.long_side >= 1 else [f"long_side must be >= 1, got {self.long_side}"])
-
-
-def fit_long_side(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """(height, width) with the long side at most ``long_side``, aspect kept (rounded, >= 1), never upscaled."""
-    scale = long_side / max(height, width)
-    if scale >= 1:
-        return height, width
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def _resize_views(frames: Iterable[np.ndarray], views: FrameViews) -> dict[str, np.ndarray]:
-    from PIL import Image
-
-    frames = list(frames)
-    size, n = views.long_side, len(frames)
-    pixels = np.zeros((n, size, size, 3), np.uint8)
-    box = np.zeros((n, 2), np.int32)
-    for i, frame in enumerate(frames):
-        h, w = fit_long_side(frame.shape[0], frame.shape[1], size)
-        if (h, w) != frame.shape[:2]:
-            frame = np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
-        pixels[i, :h, :w], box[i] = frame, (h, w)
-    square = (_resize_stack(frames, views.square) if views.square is not None and n
-              else np.zeros((n, 0, 0, 3), np.uint8))
-    return {"frames": square, "pixels": pixels, "box": box}
-
-
-def _resize_stack(frames: Iterable[np.ndarray], size: "int | FrameViews"):
-    """Resize RGB frames ``[h, w, 3]`` to ``[size, size, 3]`` (bicubic, aspect ignored), stacked; or, for a
-    ``FrameViews``, to each of its views (a dict, see there)."""
-    from PIL import Image
-
-    if isinstance(size, FrameViews):
-        return _resize_views(frames, size)
-    out = []
-    for frame in frames:
-        if frame.shape[:2] != (size, size):
-            frame = np.asarray(Image.fromarray(frame).resize((size, size), Image.BICUBIC))
-        out.append(frame)
-    return np.stack(out).astype(np.uint8, copy=False)
 
 
 def _check_file(path: str) -> None:

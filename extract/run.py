@@ -190,7 +190,7 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list):
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from dualfocus.extract.decode import FrameViews
+    from dualfocus.extract.resize import FrameViews
     from dualfocus.extract.stages import DecodeStage, EncodeStage
     from dualfocus.pipeline.progress import quiet_ray_data
     from dualfocus.store.dtypes import transfer_dtype

@@ -36,9 +36,9 @@ def decode_chunks(item: dict, decode_fn, *, fps: float, max_frames: int | None, 
 
     ``decode_fn(path, fps, max_frames, size, chunk_frames) -> (info, timestamps, chunk iterator)`` is
     the decoder (a DecodeWorker's ``decode`` in the pipeline, ``decode_video`` in tests); ``size`` is the square
-    frame size, or a ``decode.FrameViews`` when the pixels group is written too.
+    frame size, or a ``resize.FrameViews`` when the pixels group is written too.
     """
-    from dualfocus.extract.decode import FrameViews
+    from dualfocus.extract.resize import FrameViews
 
     if isinstance(size, FrameViews):  # chunks are dicts: square frames for the encoders, pixels and boxes
         square, long = size.square or 0, size.long_side

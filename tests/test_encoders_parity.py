@@ -180,11 +180,11 @@ def test_eva_spec_is_the_pipeline_spec(tiny):
 
 
 def test_frames_at_another_size_are_resized_like_the_decoders(tiny):
-    from dualfocus.extract.decode import _resize_stack
+    from dualfocus.extract.resize import resize_stack
 
     enc = load_encoder(tiny["siglip"])
     odd = np.random.default_rng(1).integers(0, 256, (2, 120, 160, 3), dtype=np.uint8)
-    assert torch.equal(enc.prepare(odd), normalize_frames(_resize_stack(odd, 224), enc.spec))
+    assert torch.equal(enc.prepare(odd), normalize_frames(resize_stack(odd, 224), enc.spec))
     assert enc(odd, {"g": "grid"})["g"].shape == (2, 196, 64)
     with pytest.raises(ValueError, match="uint8"):
         enc.prepare(odd.astype(np.float32))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dualfocus.extract.decode import FrameViews, decode_video, fit_long_side
+from dualfocus.extract.decode import decode_video
+from dualfocus.extract.resize import FrameViews, fit_long_side
 
 
 @pytest.fixture(scope="module")
