@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-import re
-
 from dataclasses import dataclass, field
 from typing import Literal
+
+
+def _group_name_problems(name: str) -> list[str]:
+    """The store's rule for group names (``store.info.check_name``), as config problems."""
+    from dualfocus.store.info import check_name
+
+    try:
+        check_name(name, "group")
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 @dataclass
@@ -80,8 +89,7 @@ class StoreConfig:
 
     def check(self) -> list[str]:
         problems = []
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.group) or self.group == "timestamps":
-            problems.append(f"group must be letters, digits, '_' or '-' (not 'timestamps'), got {self.group!r}")
+        problems += _group_name_problems(self.group)
         if self.videos_per_shard < 1:
             problems.append(f"videos_per_shard must be >= 1, got {self.videos_per_shard}")
         if self.max_shard_mb < 1:
@@ -104,8 +112,7 @@ class PixelsConfig:
         problems = []
         if self.long_side is not None and self.long_side < 1:
             problems.append(f"long_side must be >= 1 or null, got {self.long_side}")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.group) or self.group == "timestamps":
-            problems.append(f"group must be letters, digits, '_' or '-' (not 'timestamps'), got {self.group!r}")
+        problems += _group_name_problems(self.group)
         return problems
 
 
