@@ -173,15 +173,20 @@ def train(store: str = typer.Argument(..., help="Feature store written by `dualf
           out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory."),
           config: Optional[Path] = ConfigOpt,
           max_steps: Optional[int] = typer.Option(None, help="Optimiser steps [max_steps]."),
+          connector: Optional[str] = typer.Option(None, "--connector",
+                                                  help="Which connector trains: dualfocus (default), dualfocus-qavit "
+                                                       "[connector.name]."),
           resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
           no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")):
-    """Train the Q-Former + FFP connector on cached features with DeepSpeed (LLM frozen)."""
+    """Train a connector (default: DualFocus's Q-Former + FFP) on cached features with DeepSpeed (LLM frozen)."""
     from dualfocus.pipeline.config import load_config
     from dualfocus.train.config import TrainConfig
     from dualfocus.train.loop import run_train
     from dualfocus.train.report import print_train_summary
 
     values = _given(store=store, annotations=annotations, model=model, out=out, max_steps=max_steps)
+    if connector is not None:
+        values["connector.name"] = connector
     cfg = load_config(TrainConfig, config, overrides or (), values)
     summary = run_train(cfg, resume=resume, progress=not no_progress and sys.stdout.isatty())
     print_train_summary(summary, _console())
@@ -274,7 +279,7 @@ def demo(dir: str = typer.Argument("dualfocus-demo", help="Working directory for
          no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars.")):
     """Toy corpus -> tiny model -> extract -> train -> generate -> score, in one command."""
     from dualfocus.pipeline.config import load_config
-    from dualfocus.pipeline.demo import DemoConfig, run_demo
+    from dualfocus.demo import DemoConfig, run_demo
 
     cfg = load_config(DemoConfig, config, overrides or (), _given(dir=dir, videos=videos, max_steps=max_steps))
     run_demo(cfg, _console(), progress=not no_progress and sys.stdout.isatty())

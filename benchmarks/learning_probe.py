@@ -41,12 +41,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
+    from dualfocus.connectors.dualfocus import DualFocusConfig, build_dualfocus
+    from dualfocus.data.batch import collate
+    from dualfocus.data.prepare import prepare_samples
+    from dualfocus.data.samples import FeatureQADataset
     from dualfocus.evaluate.metrics import exact_match
-    from dualfocus.train.config import ConnectorConfig
-    from dualfocus.train.data import FeatureQADataset, collate
     from dualfocus.train.loop import warmup_then_constant
-    from dualfocus.train.model import build_dualfocus
-    from dualfocus.train.prepare import prepare_samples
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -69,12 +69,12 @@ def main() -> None:
         seen_items.append({**item, "sample": dataclasses.replace(sample, text_ids=sample.text_ids[:n_prompt])})
     test_golds = [answers[item["sample"].question_id]["answer"] for item in test_items]
 
-    connector = ConnectorConfig(ffp_heads=args.ffp_heads, gate_init=args.gate_init, gate_kind=args.gate_kind)
+    connector = DualFocusConfig(ffp_heads=args.ffp_heads, gate_init=args.gate_init, gate_kind=args.gate_kind)
     model = build_dualfocus(model_dir, connector, seed=args.seed)
     if args.time_init_std is not None:
         with torch.no_grad():
-            model.time_embedding.embedding.weight.normal_(0.0, args.time_init_std)
-    gates = [block.gate for block in model.ffp.blocks]
+            model.connector.time_embedding.embedding.weight.normal_(0.0, args.time_init_std)
+    gates = model.connector.gate_parameters()
     gate_ids = {id(g) for g in gates}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
     opt = torch.optim.AdamW([{"params": rest}, {"params": gates, "lr": args.lr * args.gate_lr_scale}],
@@ -110,7 +110,7 @@ def main() -> None:
         if step % args.eval_every == 0 or step == args.steps:
             held_out = evaluate(test_items, test_golds)
             seen = evaluate(seen_items, seen_golds)
-            gate_values = [round(block.gate_value().item(), 3) for block in model.ffp.blocks]
+            gate_values = [round(block.gate_value().item(), 3) for block in model.connector.ffp.blocks]
             print(f"step {step:5d} | loss {smooth:.3f} | gates {gate_values} | {time.perf_counter() - start:.0f} s | "
                   f"held-out {held_out} | train {seen}", flush=True)
 

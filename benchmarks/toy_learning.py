@@ -4,7 +4,8 @@
     python benchmarks/toy_learning.py --seeds                 # the 3 (corpus seed, train seed) pairs 0:0,1:1,2:2
     python benchmarks/toy_learning.py --seeds 3:5,4:6         # any pairs
 
-Per pair: toy-corpus (corpus seed) -> init-tiny -> extract -> train (configs/train_tiny.yaml, train seed)
+Per pair: toy-corpus (corpus seed) -> init-tiny -> extract (every stream the recipe's connector reads) -> train
+(--config, default configs/train_tiny.yaml; configs/train_qavit_tiny.yaml for QA-ViT mode; train seed)
 -> generate (greedy) -> score, each as a `dualfocus` subprocess, timing every stage, then a line
 `accuracy 0.87: colour 1.00, shape 0.60, direction 1.00` (normalised exact match on the held-out toy
 questions; chance is 1/4 for colour and direction, 1/3 for shape). With several pairs it ends with the mean
@@ -57,9 +58,23 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
+def extract_args(config: str, model: Path) -> list[str]:
+    """What ``extract`` needs for the recipe's connector: every stream it reads, from the one decode."""
+    import shlex
+
+    from dualfocus.connectors.registry import connector_class
+    from dualfocus.pipeline.config import load_config
+    from dualfocus.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, config, values={"store": "-", "annotations": "-", "model": str(model), "out": "-"})
+    system = connector_class(cfg.connector.name)
+    streams = list(system.expected_streams(cfg.connector, str(model)))
+    return shlex.split(system.extract_args(cfg.connector, str(model), streams))
+
+
 def run_pair(work: Path, model: Path, corpus_seed: int, train_seed: int, args) -> dict:
     """All stages for one (corpus seed, train seed) pair in ``work``; returns accuracies and times."""
-    from dualfocus.pipeline.demo import accuracy_in_words
+    from dualfocus.demo import accuracy_in_words
 
     for sub in ("toy", "store", "run"):
         shutil.rmtree(work / sub, ignore_errors=True)
@@ -67,7 +82,8 @@ def run_pair(work: Path, model: Path, corpus_seed: int, train_seed: int, args) -
     work.mkdir(parents=True, exist_ok=True)
     seconds = {"init-tiny": args.init_seconds}
     seconds["toy-corpus"] = dualfocus("toy-corpus", "toy", "--videos", args.videos, "--seed", corpus_seed, cwd=work)
-    seconds["extract"] = dualfocus("extract", "toy/videos", "--model", model, "--out", "store", cwd=work)
+    seconds["extract"] = dualfocus("extract", "toy/videos", "--out", "store", *extract_args(args.config, model),
+                                   cwd=work)
     train_args = ["train", "store", "toy/train.json", "--model", model, "--out", "run", "--config", args.config,
                   f"seed={train_seed}"]
     if args.steps:

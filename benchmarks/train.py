@@ -18,6 +18,7 @@ the cached step shorter than the online one by at least the encoder's share of t
     python benchmarks/train.py                 # tiny model (vision width 64, 3 blocks) on the toy corpus
     python benchmarks/train.py --vit-b         # a ViT-B/16-sized vision tower, where the encoder costs what it does
     python benchmarks/train.py --steps 40 --batch-size 8 --workers 2 --threads 1 --rounds 2
+    python benchmarks/train.py --qavit --vit-b # QA-ViT mode against the default mode (benchmarks/qavit_compare.py)
 
 Model, toy corpus and feature store are made once under --work (a temp directory by default) and
 reused by later runs.
@@ -46,6 +47,16 @@ VARIANTS = {
 
 
 # ---------------------------------------------------------------------------------------------- setup
+def _has_group(store: Path, group: str) -> bool:
+    """Whether ``store`` exists and holds ``group`` with at least one video."""
+    from dualfocus.store import FeatureStore
+
+    if not (store / "store.json").is_file():
+        return False
+    groups = FeatureStore.open(store).groups
+    return group in groups and len(groups[group].manifest) > 0
+
+
 def prepare_inputs(work: Path, variant: str, videos: int) -> tuple[Path, Path, Path]:
     """(model dir, QA file, feature store) under ``work``, each made only when missing."""
     from dualfocus.extract.config import ExtractConfig
@@ -61,7 +72,7 @@ def prepare_inputs(work: Path, variant: str, videos: int) -> tuple[Path, Path, P
     if not (corpus / "train.json").is_file():
         print(f"rendering {videos} toy clips to {corpus}", flush=True)
         make_toy_corpus(corpus, n_videos=videos, seed=0)
-    if not (store / "store.json").is_file() or not any((store / "manifest").glob("part-*.parquet")):
+    if not _has_group(store, "eva"):
         print(f"extracting features to {store}", flush=True)
         cfg = load_config(ExtractConfig, values={"corpus": str(corpus / "videos"), "model": str(model),
                                                  "out": str(store), "overwrite": True})
@@ -91,38 +102,40 @@ class DecodedFramesDataset(torch.utils.data.Dataset):
 
 
 def collate_frames(batch: list[dict], qformer_pad_id: int) -> dict:
-    """Valid frames of the batch stacked (``[N, H, W, 3]`` uint8) plus the training collate's masks and ids.
+    """``{"batch": Batch without streams, "frames": [N, H, W, 3] uint8}``: the valid frames of the batch
+    stacked, plus the training collate's masks and ids.
 
     The training ``collate`` is reused on zero-width placeholders so the text side is exactly the one the
     cached path gets; the encoder fills in the features inside the step.
     """
-    from dualfocus.train.data import collate
+    import dataclasses
+
+    from dualfocus.data.batch import collate
 
     placeholders = [{"semantic": torch.zeros(len(x["frames"]), 1, 1),
                      "spatiotemporal": torch.zeros(len(x["frames"]), 1, 1),
                      "sample": x["sample"], "index": x["index"]} for x in batch]
-    out = collate(placeholders, qformer_pad_id)
-    del out["semantic"], out["spatiotemporal"]
-    out["frames"] = torch.cat([x["frames"] for x in batch])  # [N, H, W, 3]
-    return out
+    out = dataclasses.replace(collate(placeholders, qformer_pad_id), streams={})
+    return {"batch": out, "frames": torch.cat([x["frames"] for x in batch])}
 
 
-def encode_batch(encoder, batch: dict, device) -> dict:
+def encode_batch(encoder, item: dict, device):
     """Run the frozen vision tower on the batch's frames and lay the streams out as the cached path has them."""
+    import dataclasses
+
     from dualfocus.extract.encoder import encode_pixels
     from dualfocus.pipeline.models import normalize_frames
 
-    pixels = normalize_frames(batch["frames"], encoder.spec).to(device, encoder.dtype)
+    pixels = normalize_frames(item["frames"], encoder.spec).to(device, encoder.dtype)
     semantic, motion = encode_pixels(encoder.model, pixels)                     # [N, P, d], [N, M, d]
-    mask = batch["frame_mask"].to(device)                                       # [b, T]
+    mask = item["batch"].frame_mask.to(device)                                  # [b, T]
     b, T = mask.shape
-    out = dict(batch)
     # Scattered into fresh tensors made outside inference_mode: autograd may not save inference tensors.
-    out["semantic"] = torch.zeros(b, T, *semantic.shape[1:], device=device)          # [b, T, P, d]
-    out["semantic"][mask] = semantic.float()
-    out["spatiotemporal"] = torch.zeros(b, T, *motion.shape[1:], device=device)      # [b, T, M, d]
-    out["spatiotemporal"][mask] = motion.float()
-    return out
+    streams = {"semantic": torch.zeros(b, T, *semantic.shape[1:], device=device),        # [b, T, P, d]
+               "spatiotemporal": torch.zeros(b, T, *motion.shape[1:], device=device)}    # [b, T, M, d]
+    streams["semantic"][mask] = semantic.float()
+    streams["spatiotemporal"][mask] = motion.float()
+    return dataclasses.replace(item["batch"], streams=streams)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -159,8 +172,6 @@ def sync(device) -> None:
 def run_path(name, model, optimizer, scheduler, loader, steps: int, warmup: int, device, dtype, grad_clip: float,
              encoder=None) -> PathTimes:
     """``warmup`` unmeasured steps, then ``steps`` measured ones: wait for a batch, (encode), train step."""
-    from dualfocus.train.loop import _to_device
-
     times = PathTimes(name)
     data = iter(loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -173,7 +184,7 @@ def run_path(name, model, optimizer, scheduler, loader, steps: int, warmup: int,
             batch = encode_batch(encoder, batch, device)
             sync(device)
         t2 = time.perf_counter()
-        batch = _to_device(batch, device, dtype)
+        batch = batch.to(device, dtype, non_blocking=True)
         loss = model(batch)
         loss.backward()
         if grad_clip > 0:
@@ -185,7 +196,7 @@ def run_path(name, model, optimizer, scheduler, loader, steps: int, warmup: int,
         t3 = time.perf_counter()
         if i >= warmup:
             times.steps += 1
-            times.samples += len(batch["samples"])
+            times.samples += len(batch)
             times.wait += t1 - t0
             times.encode += t2 - t1
             times.compute += t3 - t2
@@ -207,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2,
                         help="Rounds of (cached, online), order flipped every round; figures are summed over rounds.")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto.")
+    parser.add_argument("--qavit", action="store_true",
+                        help="Instead: QA-ViT mode against the default mode on cached batches (step time, memory, "
+                             "the top ViT blocks' share of the step).")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads of the training process (default: torch's choice). On a shared "
                              "CPU, 1 avoids OpenMP threads waiting on each other.")
@@ -216,11 +230,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from dualfocus.extract.encoder import FrameEncoder
     from dualfocus.store import FeatureStore
-    from dualfocus.train.config import ConnectorConfig
-    from dualfocus.train.data import FeatureQADataset, collate
+    from dualfocus.connectors.dualfocus import DualFocusConfig, build_dualfocus
+    from dualfocus.data.batch import collate
+    from dualfocus.data.prepare import prepare_samples
+    from dualfocus.data.samples import FeatureQADataset
     from dualfocus.train.loop import warmup_then_constant
-    from dualfocus.train.model import build_dualfocus
-    from dualfocus.train.prepare import prepare_samples
     from dualfocus.train.sampler import ResumableBatches
 
     variant = "vit-b" if args.vit_b else "tiny"
@@ -228,6 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     model_dir, qa, store_dir = prepare_inputs(work, variant, args.videos)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    if args.qavit:
+        from qavit_compare import compare
+
+        print(json.dumps({"variant": variant, "device": str(device), "batch_size": args.batch_size,
+                          "max_frames": args.max_frames, **compare(model_dir, store_dir, qa, args, device)}))
+        return
 
     prepared = prepare_samples(str(store_dir), str(qa), str(model_dir), with_answers=True)
     store = FeatureStore.open(store_dir)
@@ -237,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     encoder = FrameEncoder(str(model_dir), device=str(device))
 
     torch.manual_seed(0)
-    model = build_dualfocus(str(model_dir), ConnectorConfig(), llm_dtype="float32").to(device)
+    model = build_dualfocus(str(model_dir), DualFocusConfig(), llm_dtype="float32").to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(10))

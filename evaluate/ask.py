@@ -59,8 +59,9 @@ class FrameSettings:
     storage_dtype: str
 
 
-def frame_settings(fingerprint: dict, export_path) -> FrameSettings:
-    """``FrameSettings`` of a store fingerprint; keys it predates take ``LEGACY_FINGERPRINT``'s values.
+def frame_settings(fingerprint: dict, export_path, group: str | None = None) -> FrameSettings:
+    """``FrameSettings`` of a store fingerprint (of ``group``'s keys, ``group.key``, when the export read several
+    groups); keys it predates take ``LEGACY_FINGERPRINT``'s values.
 
     A fingerprint without the keys every store has had, or with a value this version cannot run, is a
     one-line ``UserError`` naming the export file and the key.
@@ -71,30 +72,52 @@ def frame_settings(fingerprint: dict, export_path) -> FrameSettings:
     from dualfocus.store.dtypes import FEATURE_DTYPES
 
     where = Path(export_path) / "dualfocus.json"
-    fp = {**LEGACY_FINGERPRINT, **(fingerprint if isinstance(fingerprint, dict) else {})}
+    fp = fingerprint if isinstance(fingerprint, dict) else {}
+    if group is not None:
+        fp = {**{k: v for k, v in fp.items() if "." not in k},
+              **{k[len(group) + 1:]: v for k, v in fp.items() if k.startswith(group + ".")}}
+    fp = {**LEGACY_FINGERPRINT, **fp}
+    key = f"store_fingerprint.{group}." if group else "store_fingerprint."
     missing = [k for k in ("fps", "max_frames", "image_size", "dtype") if k not in fp]
     if missing:
-        raise UserError(f"{where}: store_fingerprint lacks {', '.join(missing)}; is it a dualfocus export?")
+        raise UserError(f"{where}: {key.rstrip('.')} lacks {', '.join(missing)}; is it a dualfocus export?")
     allowed = {"decode_backend": BACKENDS, "compute_dtype": ("auto", *COMPUTE_DTYPES), "dtype": FEATURE_DTYPES}
-    for key, values in allowed.items():
-        if fp[key] not in values:
-            raise UserError(f"{where}: store_fingerprint.{key} must be one of {', '.join(values)}, got {fp[key]!r}")
+    for name, values in allowed.items():
+        if fp[name] not in values:
+            raise UserError(f"{where}: {key}{name} must be one of {', '.join(values)}, got {fp[name]!r}")
     return FrameSettings(fps=fp["fps"], max_frames=fp["max_frames"], image_size=fp["image_size"],
                          decode_backend=fp["decode_backend"], compute_dtype=fp["compute_dtype"],
                          storage_dtype=fp["dtype"])
 
 
-def video_features(video: str, model_dir: str, settings: FrameSettings, device: str,
-                   timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
-    """(semantic ``[t, p+1, d]``, spatiotemporal ``[t, p/4, d]``) of one video, as a store would return them."""
-    from dualfocus.extract.config import DecodeConfig, EncoderConfig, StoreConfig
-    from dualfocus.extract.groups import DUALFOCUS_TAPS
+def stream_groups(fingerprint: dict, streams: list[str]) -> dict[str | None, list[str]]:
+    """Which group of the fingerprint holds each stream: ``{None: streams}`` for a one-group fingerprint, else
+    ``{group: [streams]}`` (a group's ``taps`` record names its streams; the DualFocus default group, whose
+    fingerprint predates that record, holds ``semantic`` and ``spatiotemporal``)."""
+    groups = sorted({k.split(".", 1)[0] for k in fingerprint if "." in k})
+    if not groups:
+        return {None: list(streams)}
+    out: dict[str | None, list[str]] = {}
+    for stream in streams:
+        group, _, tap = stream.rpartition(".")
+        if not group:
+            group = next((g for g in groups if tap in (fingerprint.get(f"{g}.taps") or {})), None) or next(
+                (g for g in groups if f"{g}.taps" not in fingerprint and tap in ("semantic", "spatiotemporal")), None)
+        out.setdefault(group, []).append(stream)
+    return out
+
+
+def video_features(video: str, model_dir: str, settings: FrameSettings, device: str, timeout_s: float,
+                   taps: dict[str, str]) -> dict[str, np.ndarray]:
+    """``{stream: [t, tokens, d]}`` of one video for ``taps`` (stream -> tap of the model's vision tower), as a
+    store with ``settings`` would return them."""
+    from dualfocus.extract.config import DecodeConfig, EncoderConfig
     from dualfocus.extract.stages import DecodeStage, EncodeStage, encode_video
     from dualfocus.pipeline.errors import UserError
     from dualfocus.store.dtypes import round_trip
 
-    group = StoreConfig().group
-    spec = {"name": group, "model": model_dir, "taps": DUALFOCUS_TAPS, "image_size": None,
+    names = {stream: stream.rpartition(".")[2] for stream in taps}
+    spec = {"name": "ask", "model": model_dir, "taps": {names[s]: tap for s, tap in taps.items()}, "image_size": None,
             "dtype": settings.storage_dtype}
     encode = EncodeStage(groups=[spec], device=device, compute_dtype=settings.compute_dtype,
                          batch_frames=EncoderConfig().batch_frames, threads=None)
@@ -107,38 +130,48 @@ def video_features(video: str, model_dir: str, settings: FrameSettings, device: 
     if result["error"]:
         what = "encode" if result["error"].startswith("encoder failed") else "read"
         raise UserError(f"cannot {what} video {video}: {result['error']}")
-    return (round_trip(result[f"{group}/semantic"], settings.storage_dtype),
-            round_trip(result[f"{group}/spatiotemporal"], settings.storage_dtype))
+    return {stream: round_trip(result[f"ask/{names[stream]}"], settings.storage_dtype) for stream in taps}
 
 
 def run_ask(video: str, question: str, cfg: AskConfig) -> str:
     """The connector's answer to ``question`` about ``video``."""
     import torch
 
-    from dualfocus.evaluate.predictor import Predictor, check_export_matches, inference_dtype
+    from dualfocus.connectors.export import read_export
+    from dualfocus.connectors.limits import ModelLimits, check_context_length
+    from dualfocus.connectors.prompt import PromptBuilder
+    from dualfocus.data.batch import collate
+    from dualfocus.data.samples import tokenise
+    from dualfocus.evaluate.predictor import Predictor, check_export_matches, expected_taps, inference_dtype
     from dualfocus.pipeline.devices import resolve_device
+    from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.models import load_llm_tokenizer, load_qformer_tokenizer
     from dualfocus.pipeline.qa import QAItem
     from dualfocus.pipeline.sampling import uniform_indices
-    from dualfocus.evaluate.generate import DEFAULT_QUESTION_TOKENS
-    from dualfocus.train.checkpoint import read_export
-    from dualfocus.train.checks import ModelLimits, check_context_length
-    from dualfocus.train.data import collate, tokenise
-    from dualfocus.train.prompt import PromptBuilder
 
     meta, _ = read_export(cfg.checkpoint)
     model_dir = check_export_matches(meta, cfg.model, None, cfg.checkpoint)
-    settings = frame_settings(meta.get("store_fingerprint"), cfg.checkpoint)
+    groups = stream_groups(meta.store_fingerprint, meta.streams)
+    if None in groups and len(groups) > 1:
+        raise UserError(f"{Path(cfg.checkpoint) / 'dualfocus.json'}: cannot tell which group of store_fingerprint "
+                        f"holds {', '.join(groups[None])}")
+    settings = {group: frame_settings(meta.store_fingerprint, cfg.checkpoint, group) for group in groups}
     resolve_device(cfg.device)                      # settings that cannot run fail before the video is decoded
     inference_dtype(meta, cfg.llm_dtype, cfg.checkpoint)
-    semantic, motion = video_features(video, model_dir, settings, cfg.device, cfg.decode_timeout_s)
-    keep = uniform_indices(len(semantic), meta["max_frames"])
+    taps = expected_taps(meta, model_dir, cfg.checkpoint)  # the cuts of the base model's tower each stream is
+    features = {}
+    for group, streams in groups.items():
+        features.update(video_features(video, model_dir, settings[group], cfg.device, cfg.decode_timeout_s,
+                                       {stream: taps[stream] for stream in streams}))
+    frames = min(len(f) for f in features.values())
+    keep = uniform_indices(frames, meta.max_frames)
     q_tok = load_qformer_tokenizer(model_dir)
+    llm_tok = load_llm_tokenizer(model_dir)
     item = QAItem(video_id=video, question=question, question_id="ask")
-    (sample,) = tokenise([item], {video: len(keep)}, PromptBuilder(load_llm_tokenizer(model_dir)), q_tok,
-                         with_answers=False,
-                         max_question_tokens=meta.get("max_question_tokens", DEFAULT_QUESTION_TOKENS))
+    (sample,) = tokenise([item], {video: len(keep)}, PromptBuilder(llm_tok), q_tok, with_answers=False,
+                         max_question_tokens=meta.max_question_tokens)
     check_context_length([sample], None, ModelLimits.of(model_dir), frames_key="the checkpoint's max_frames")
-    batch = collate([{"semantic": torch.from_numpy(semantic[keep]), "spatiotemporal": torch.from_numpy(motion[keep]),
-                      "sample": sample, "index": 0}], q_tok.pad_token_id or 0)
+    item_features = {stream: torch.from_numpy(f[keep]) for stream, f in features.items()}
+    batch = collate([{**item_features, "sample": sample, "index": 0}], q_tok.pad_token_id or 0,
+                    llm_tok.pad_token_id or 0)
     return Predictor(cfg.checkpoint, model_dir, dtype=cfg.llm_dtype, device=cfg.device).answer(batch, cfg.sampling)[0]

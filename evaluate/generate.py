@@ -15,8 +15,6 @@ from typing import Literal
 
 from dualfocus.evaluate.predictor import SamplingConfig
 
-# Q-Former question length of exports written before it was recorded (the value they were trained with).
-DEFAULT_QUESTION_TOKENS = 64
 from dualfocus.pipeline.devices import device_problem
 
 
@@ -81,26 +79,28 @@ def done_question_ids(path: Path) -> set[str]:
 
 def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     """Answer every question of ``cfg.questions`` not yet in ``cfg.out``; see module docstring."""
-    from dualfocus.evaluate.predictor import Predictor, check_export_matches, inference_dtype
+    from dualfocus.connectors.export import read_export
+    from dualfocus.connectors.limits import ModelLimits, check_context_length
+    from dualfocus.data.batch import collate
+    from dualfocus.data.prepare import prepare_samples
+    from dualfocus.data.samples import FeatureQADataset, check_store_streams
+    from dualfocus.evaluate.predictor import Predictor, check_export_matches, expected_streams, inference_dtype
     from dualfocus.pipeline.config import save_config
     from dualfocus.pipeline.devices import resolve_device
     from dualfocus.pipeline.progress import count_progress
     from dualfocus.store import FeatureStore
-    from dualfocus.train.checkpoint import read_export
-    from dualfocus.train.checks import ModelLimits, check_context_length
-    from dualfocus.train.data import DUALFOCUS_STREAMS, FeatureQADataset, check_store_streams, collate
-    from dualfocus.train.prepare import prepare_samples
 
     start = time.perf_counter()
     meta, _ = read_export(cfg.checkpoint)
     store = FeatureStore.open(cfg.store)
-    check_store_streams(store, DUALFOCUS_STREAMS, cfg.store, cfg.model or meta["base_model"])
-    model_dir = check_export_matches(meta, cfg.model, store.fingerprint(DUALFOCUS_STREAMS), cfg.checkpoint)
+    check_store_streams(store, meta.streams, cfg.store, cfg.model or meta.base_model)
+    model_dir = check_export_matches(meta, cfg.model, store.fingerprint(meta.streams), cfg.checkpoint)
     resolve_device(cfg.device)                      # a device or dtype that cannot be had fails before any output
     inference_dtype(meta, cfg.llm_dtype, cfg.checkpoint)
-    prepared = prepare_samples(cfg.store, cfg.questions, model_dir, with_answers=False,
-                               max_question_tokens=meta.get("max_question_tokens", DEFAULT_QUESTION_TOKENS))
-    max_frames = cfg.max_frames if cfg.max_frames is not None else meta["max_frames"]
+    expected = expected_streams(meta, model_dir, cfg.checkpoint)
+    prepared = prepare_samples(cfg.store, cfg.questions, model_dir, with_answers=False, expected=expected,
+                               max_question_tokens=meta.max_question_tokens)  # the fingerprint check covers taps
+    max_frames = cfg.max_frames if cfg.max_frames is not None else meta.max_frames
     check_context_length(prepared.samples, max_frames, ModelLimits.of(model_dir), frames_key="max_frames")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,16 +114,16 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
                               skipped=len(prepared.samples) - len(todo), missing=prepared.report.missing, seconds=0.0)
     if todo:
         predictor = Predictor(cfg.checkpoint, model_dir, dtype=cfg.llm_dtype, device=cfg.device)
-        dataset = FeatureQADataset(cfg.store, todo, max_frames)
+        dataset = FeatureQADataset(cfg.store, todo, max_frames, tuple(expected))
         with open(out, "a") as f, count_progress(len(todo), "generate", enabled=progress) as advance:
             for s in range(0, len(todo), cfg.batch_size):
                 batch = collate([dataset[i] for i in range(s, min(s + cfg.batch_size, len(todo)))],
-                                prepared.qformer_pad_id)
-                for sample, pred in zip(batch["samples"], predictor.answer(batch, cfg.sampling)):
+                                prepared.qformer_pad_id, prepared.pad_token_id or 0)
+                for sample, pred in zip(batch.samples, predictor.answer(batch, cfg.sampling)):
                     f.write(json.dumps({"question_id": sample.question_id, "video_id": sample.video_id,
                                         "question": sample.question, "pred": pred}) + "\n")
                 f.flush()
-                summary.written += len(batch["samples"])
-                advance(len(batch["samples"]))
+                summary.written += len(batch.samples)
+                advance(len(batch.samples))
     summary.seconds = time.perf_counter() - start
     return summary

@@ -38,28 +38,29 @@ class SamplingConfig:
         return problems
 
 
-def check_export_matches(meta: dict, model_dir: str | None, store_fingerprint: dict | None, export_path) -> str:
-    """The base model directory to use; refuses a different base model or store fingerprint, naming both."""
+def check_export_matches(meta, model_dir: str | None, store_fingerprint: dict | None, export_path) -> str:
+    """The base model directory to use; refuses a different base model or store fingerprint, naming both.
+
+    ``meta`` is the export's ``ExportMeta`` (``connectors/export.py``)."""
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.models import config_hash
 
-    model_dir = model_dir or meta["base_model"]
+    model_dir = model_dir or meta.base_model
     if not Path(model_dir).exists():
         raise UserError(f"base model of {export_path} not found at {model_dir}; pass --model")
     have = config_hash(model_dir)
-    if have != meta["base_model_hash"]:
-        raise UserError(f"checkpoint {export_path} was trained on base model {meta['base_model']} "
-                        f"(config {meta['base_model_hash']}), but {model_dir} has config {have}")
-    if store_fingerprint is not None and store_fingerprint != meta["store_fingerprint"]:
-        keys = sorted(k for k in set(store_fingerprint) | set(meta["store_fingerprint"])
-                      if store_fingerprint.get(k) != meta["store_fingerprint"].get(k))
-        detail = ", ".join(f"{k}: trained {meta['store_fingerprint'].get(k)!r} vs store {store_fingerprint.get(k)!r}"
-                           for k in keys)
+    if have != meta.base_model_hash:
+        raise UserError(f"checkpoint {export_path} was trained on base model {meta.base_model} "
+                        f"(config {meta.base_model_hash}), but {model_dir} has config {have}")
+    trained = meta.store_fingerprint
+    if store_fingerprint is not None and store_fingerprint != trained:
+        keys = sorted(k for k in set(store_fingerprint) | set(trained) if store_fingerprint.get(k) != trained.get(k))
+        detail = ", ".join(f"{k}: trained {trained.get(k)!r} vs store {store_fingerprint.get(k)!r}" for k in keys)
         raise UserError(f"checkpoint {export_path} was trained on features with another encoder fingerprint ({detail})")
     return model_dir
 
 
-def inference_dtype(meta: dict, override: str | None, export_path) -> str:
+def inference_dtype(meta, override: str | None, export_path) -> str:
     """The one dtype connector, LLM and features run in: ``override``, else the export's ``llm_dtype``.
 
     DeepSpeed bf16/fp16 training casts the connector to the LLM's dtype too, so that is the dtype the
@@ -71,52 +72,52 @@ def inference_dtype(meta: dict, override: str | None, export_path) -> str:
     if override is not None:
         name, where = override, "llm_dtype"
     else:
-        name, where = meta.get("llm_dtype"), f"{Path(export_path) / 'dualfocus.json'}: llm_dtype"
+        name, where = meta.llm_dtype, f"{Path(export_path) / 'dualfocus.json'}: llm_dtype"
     if name not in COMPUTE_DTYPES:
         raise UserError(f"{where} must be one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
     return name
 
 
-def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Floating parameters to ``dtype`` in place; buffers keep theirs (as DeepSpeed's bf16/fp16 cast does)."""
-    for param in module.parameters():
-        if param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+def expected_streams(meta, model_dir: str, export_path) -> dict[str, tuple[int, ...]]:
+    """``{stream: per-frame shape}`` the export's connector reads with ``model_dir``'s vision tower."""
+    from dualfocus.connectors.registry import connector_class
+
+    cfg = meta.connector_config_object(str(Path(export_path) / "dualfocus.json"))
+    return connector_class(meta.connector).expected_streams(cfg, model_dir)
+
+
+def expected_taps(meta, model_dir: str, export_path) -> dict[str, str]:
+    """``{stream: tap}``: which cut of the base model's vision tower each stream of the export is."""
+    from dualfocus.connectors.registry import connector_class
+
+    cfg = meta.connector_config_object(str(Path(export_path) / "dualfocus.json"))
+    return connector_class(meta.connector).expected_taps(cfg, model_dir)
 
 
 class Predictor:
-    """Loads base model + connector once; ``answer(batch)`` returns decoded strings.
+    """Loads base model + connector once (from the export alone: ``connectors.export.rebuild``);
+    ``answer(batch)`` returns decoded strings.
 
     Connector, LLM and features run in one dtype (``inference_dtype``) on one device (``device``: ``auto``
     = CUDA when torch sees a GPU). A CPU-only machine runs the same code with ``torch.device("cpu")``.
     """
 
     def __init__(self, export_path: str | Path, model_dir: str, dtype: str | None = None, device: str = "auto"):
+        from dualfocus.connectors.export import read_export, rebuild
         from dualfocus.pipeline.devices import resolve_device
         from dualfocus.pipeline.models import load_llm_tokenizer
-        from dualfocus.train.checkpoint import read_export
-        from dualfocus.train.config import ConnectorConfig
-        from dualfocus.train.model import build_dualfocus
 
         self.meta, state = read_export(export_path)
         self.device = resolve_device(device)
         name = inference_dtype(self.meta, dtype, export_path)
         self.dtype = getattr(torch, name)
-        model = build_dualfocus(model_dir, ConnectorConfig(**self.meta["connector"]), llm_dtype=name,
-                                llm_device=self.device)
-        model.load_trainable_state_dict(state)
-        cast_parameters(model, self.dtype)
-        self.model = model.to(self.device).eval()
+        self.model = rebuild(self.meta, state, model_dir, name, self.device, str(Path(export_path) / "dualfocus.json"))
         self.tokenizer = load_llm_tokenizer(model_dir)
 
     @torch.no_grad()
-    def answer(self, batch: dict, sampling: SamplingConfig) -> list[str]:
-        """Answers for a collated batch (``train.data.collate``), in batch order."""
-        batch = dict(batch)
-        for key in ("semantic", "spatiotemporal"):
-            batch[key] = batch[key].to(self.device, self.dtype)
-        for key in ("frame_mask", "qformer_ids", "qformer_mask"):
-            batch[key] = batch[key].to(self.device)
+    def answer(self, batch, sampling: SamplingConfig) -> list[str]:
+        """Answers for a collated ``Batch`` (``data.batch.collate``), in batch order."""
+        batch = batch.to(self.device, self.dtype)
         torch.manual_seed(sampling.seed)
         ids = self.model.generate(batch, max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
                                   temperature=sampling.temperature, top_p=sampling.top_p,

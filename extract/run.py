@@ -97,15 +97,6 @@ def sampling(cfg: ExtractConfig) -> dict:
     return {"fps": cfg.decode.fps, "max_frames": cfg.decode.max_frames}
 
 
-def stream_shapes(model_dir: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Per-frame shapes of (semantic, spatiotemporal) for the model's vision tower."""
-    from dualfocus.pipeline.models import load_config
-
-    vc = load_config(model_dir).vision_config
-    p = (vc.image_size // vc.patch_size) ** 2
-    return (p + 1, vc.hidden_size), (p // POOL_FACTOR, vc.hidden_size)
-
-
 def joins_cluster(cfg: ExtractConfig) -> str | None:
     """The address of the Ray cluster extract joins, or None for a local Ray of its own.
 

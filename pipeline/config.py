@@ -103,6 +103,12 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]):
             continue
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
+            if isinstance(value, dict) and hasattr(typ, "select_variant"):
+                try:  # a section whose dataclass depends on one of its keys (e.g. connector.name)
+                    typ = typ.select_variant(value)
+                except ValueError as e:
+                    problems.append(f"{dotted}.{e}")
+                    continue
             if not isinstance(value, dict):
                 problems.append(f"{dotted} must be a mapping of {typ.__name__} fields, got {value!r}")
                 continue
@@ -232,7 +238,8 @@ def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
         if dataclasses.is_dataclass(typ):
-            rows.extend(describe_keys(typ, f"{prefix}{f.name}."))
+            default = getattr(defaults, f.name)  # a section with variants: describe its default's fields
+            rows.extend(describe_keys(type(default) if dataclasses.is_dataclass(default) else typ, f"{prefix}{f.name}."))
         else:
             rows.append((f"{prefix}{f.name}", repr(getattr(defaults, f.name)), docs.get(f.name, "")))
     return rows

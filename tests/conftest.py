@@ -81,7 +81,7 @@ def one_torch_thread():
 def store_fingerprint(store: Path) -> dict:
     """What an export records of a DualFocus store: the default group's fingerprint plus the sampling."""
     from dualfocus.store import FeatureStore
-    from dualfocus.train.data import DUALFOCUS_STREAMS
+    from dualfocus.connectors.dualfocus import DUALFOCUS_STREAMS
 
     return FeatureStore.open(store).fingerprint(DUALFOCUS_STREAMS)
 

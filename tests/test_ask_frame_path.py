@@ -96,6 +96,9 @@ def test_bad_fingerprint_in_an_export_is_one_line_naming_the_file_and_key(toy_st
     assert str(err.value) == f"{tmp_path / 'final' / 'dualfocus.json'}: {message}"
 
 
+DEFAULT_TAPS = {"semantic": "post_ln", "spatiotemporal": "pool4"}  # DualFocus's streams and their cuts
+
+
 def test_ask_features_are_the_stored_features(toy_store, toy_corpus, tiny_model, monkeypatch):
     """Same frames (fps, cap, backend from the fingerprint), same encoder, same rounding as the store."""
     import dualfocus.extract.stages as stages
@@ -117,8 +120,9 @@ def test_ask_features_are_the_stored_features(toy_store, toy_corpus, tiny_model,
     store = FeatureStore.open(toy_store)
     video_id = store.video_ids()[0]
     fingerprint = store_fingerprint(toy_store)
-    semantic, motion = video_features(str(toy_corpus / "videos" / f"{video_id}.mp4"), str(tiny_model),
-                                      frame_settings(fingerprint, "final"), "cpu", 60.0)
+    features = video_features(str(toy_corpus / "videos" / f"{video_id}.mp4"), str(tiny_model),
+                              frame_settings(fingerprint, "final"), "cpu", 60.0, DEFAULT_TAPS)
+    semantic, motion = features["semantic"], features["spatiotemporal"]
     assert built["DecodeStage"]["backend"] == fingerprint["decode_backend"]
     assert built["DecodeStage"]["fps"] == fingerprint["fps"] and built["DecodeStage"]["size"] == fingerprint["image_size"]
     assert built["EncodeStage"]["compute_dtype"] == fingerprint["compute_dtype"]
@@ -136,7 +140,7 @@ def test_ask_on_a_missing_video_is_one_line_naming_it(toy_store, tiny_model, tmp
 
     settings = frame_settings(store_fingerprint(toy_store), "final")
     with pytest.raises(UserError) as err:
-        video_features(str(tmp_path / "gone.mp4"), str(tiny_model), settings, "cpu", 60.0)
+        video_features(str(tmp_path / "gone.mp4"), str(tiny_model), settings, "cpu", 60.0, DEFAULT_TAPS)
     assert str(err.value) == f"cannot read video {tmp_path / 'gone.mp4'}: file not found"
 
 

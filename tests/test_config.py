@@ -21,6 +21,7 @@ SHIPPED = {
     "extract_gpu_cluster.yaml": ExtractConfig,
     "extract_streams.yaml": ExtractConfig,
     "train_tiny.yaml": TrainConfig,
+    "train_qavit_tiny.yaml": TrainConfig,
     "train_paper.yaml": TrainConfig,
     "generate.yaml": GenerateConfig,
     "score.yaml": ScoreConfig,

@@ -13,7 +13,9 @@ import torch
 from dualfocus.pipeline.errors import UserError
 from dualfocus.pipeline.qa import QAItem, read_training_qa
 from dualfocus.pipeline.sampling import uniform_indices as subsample_indices
-from dualfocus.train.data import FeatureQADataset, check_store_matches_model, collate, join_with_store
+from dualfocus.connectors.dualfocus import DualFocus, DualFocusConfig
+from dualfocus.data.batch import collate
+from dualfocus.data.samples import FeatureQADataset, check_store_shapes, join_with_store
 from dualfocus.train.sampler import ResumableBatches
 
 
@@ -87,17 +89,18 @@ def test_store_from_another_vision_tower_is_refused_naming_both(tiny_model, sema
     def store(shapes):
         return SimpleNamespace(tap_shape=lambda stream: {"semantic": shapes[0], "spatiotemporal": shapes[1]}[stream])
 
+    expected = DualFocus.expected_streams(DualFocusConfig(), str(tiny_model))
     with pytest.raises(UserError) as err:
-        check_store_matches_model(store((semantic, motion)), str(tiny_model))
+        check_store_shapes(store((semantic, motion)), expected, str(tiny_model))
     message = str(err.value)
     assert named in message and "expects [257, 64] / [64, 64]" in message and str(tiny_model) in message
-    check_store_matches_model(store(([257, 64], [64, 64])), str(tiny_model))
+    check_store_shapes(store(([257, 64], [64, 64])), expected, str(tiny_model))
 
 
 # ---------------------------------------------------------------- dataset, collation, loader
 @pytest.fixture(scope="module")
 def prepared(toy_store, toy_corpus, tiny_model):
-    from dualfocus.train.prepare import prepare_samples
+    from dualfocus.data.prepare import prepare_samples
 
     return prepare_samples(str(toy_store), str(toy_corpus / "train.json"), str(tiny_model), with_answers=True)
 
@@ -142,17 +145,21 @@ def test_collate_pads_frames_and_question_ids(prepared, toy_store):
     picks = [frames.index(3), frames.index(5), frames.index(4)]
     items = [dataset[i] for i in picks]
     batch = collate(items, qformer_pad_id=prepared.qformer_pad_id)
-    assert batch["semantic"].shape == (3, 5, 257, 64) and batch["spatiotemporal"].shape == (3, 5, 64, 64)
-    assert batch["frame_mask"].tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] * 4 + [False]]
+    assert batch.streams["semantic"].shape == (3, 5, 257, 64) and batch.streams["spatiotemporal"].shape == (3, 5, 64, 64)
+    assert batch.frame_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] * 4 + [False]]
     for row, x in enumerate(items):
         t = x["semantic"].shape[0]
-        assert batch["semantic"][row, :t].equal(x["semantic"]) and (batch["semantic"][row, t:] == 0).all()
+        sem = batch.streams["semantic"]
+        assert sem[row, :t].equal(x["semantic"]) and (sem[row, t:] == 0).all()
         ids = x["sample"].qformer_ids
-        assert batch["qformer_ids"][row, :len(ids)].tolist() == ids
-        assert (batch["qformer_ids"][row, len(ids):] == prepared.qformer_pad_id).all()
-        assert batch["qformer_mask"][row].tolist() == [1] * len(ids) + [0] * (batch["qformer_ids"].shape[1] - len(ids))
-        assert batch["text_labels"][row] == x["sample"].text_labels
-    assert batch["indices"] == picks
+        assert batch.qformer_ids[row, :len(ids)].tolist() == ids
+        assert (batch.qformer_ids[row, len(ids):] == prepared.qformer_pad_id).all()
+        assert batch.qformer_mask[row].tolist() == [1] * len(ids) + [0] * (batch.qformer_ids.shape[1] - len(ids))
+        assert batch.text_labels[row] == x["sample"].text_labels
+        words = x["sample"].question_ids  # the question alone in the LLM's tokenizer, right-padded
+        assert words and batch.question_ids[row, :len(words)].tolist() == words
+        assert batch.question_mask[row].tolist() == [1] * len(words) + [0] * (batch.question_ids.shape[1] - len(words))
+    assert batch.indices == picks
 
 
 def test_dataloader_with_a_worker_gives_the_same_batches(prepared, toy_store):
@@ -161,7 +168,7 @@ def test_dataloader_with_a_worker_gives_the_same_batches(prepared, toy_store):
     dataset = FeatureQADataset(str(toy_store), prepared.samples, max_frames=4)
     collate_fn = partial(collate, qformer_pad_id=prepared.qformer_pad_id)
 
-    def first_batches(workers: int) -> list[dict]:
+    def first_batches(workers: int) -> list:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=ResumableBatches(len(dataset), 4, seed=5),
                                              num_workers=workers, collate_fn=collate_fn)
         it = iter(loader)
@@ -169,6 +176,8 @@ def test_dataloader_with_a_worker_gives_the_same_batches(prepared, toy_store):
 
     inline, worker = first_batches(0), first_batches(1)
     for a, b in zip(inline, worker):
-        assert a["indices"] == b["indices"]
-        for key in ("semantic", "spatiotemporal", "frame_mask", "qformer_ids", "qformer_mask"):
-            assert a[key].equal(b[key])
+        assert a.indices == b.indices
+        for key in ("semantic", "spatiotemporal"):
+            assert a.streams[key].equal(b.streams[key])
+        for key in ("frame_mask", "qformer_ids", "qformer_mask", "question_ids", "question_mask"):
+            assert getattr(a, key).equal(getattr(b, key))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualfocus.train.ffp import FocusFeatureProjector, FusionBlock, MaskedAttention
-from dualfocus.train.time_embedding import RelativeTimeEmbedding, relative_time_index
+from dualfocus.connectors.ffp import FocusFeatureProjector, FusionBlock, MaskedAttention
+from dualfocus.connectors.time_embedding import RelativeTimeEmbedding, relative_time_index
 
 D_SEM, D_MOTION, D_LLM, HEADS = 12, 20, 16, 4
 
@@ -239,9 +239,9 @@ def test_time_embedding_init_is_small():
 
 
 def test_gate_init_is_zero_by_default_and_configurable():
-    from dualfocus.train.config import ConnectorConfig
+    from dualfocus.connectors.dualfocus import DualFocusConfig
 
-    assert ConnectorConfig().gate_init == 0.0  # the paper's recipe
+    assert DualFocusConfig().gate_init == 0.0  # the paper's recipe
     default = FocusFeatureProjector(8, 6, 16, n_blocks=2, n_heads=2)
     opened = FocusFeatureProjector(8, 6, 16, n_blocks=2, n_heads=2, gate_init=1.0)
     assert all(b.gate.item() == 0.0 for b in default.blocks)

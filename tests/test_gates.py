@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualfocus.pipeline.demo import accuracy_in_words
-from dualfocus.train.config import ConnectorConfig, OptimConfig
-from dualfocus.train.ffp import FocusFeatureProjector
+from dualfocus.demo import accuracy_in_words
+from dualfocus.connectors.dualfocus import DualFocusConfig as ConnectorConfig
+from dualfocus.train.config import OptimConfig
+from dualfocus.connectors.ffp import FocusFeatureProjector
 
 
 def _ffp(gate_kind: str, gate: float) -> FocusFeatureProjector:
@@ -55,7 +56,7 @@ def test_accuracy_in_words():
 
 def test_gate_settings_of_the_train_config_reach_the_model(tiny_model):
     """connector.gate_kind / gate_init in a recipe must build that FFP (they were once accepted and dropped)."""
-    from dualfocus.train.model import build_dualfocus
+    from dualfocus.connectors.dualfocus import build_dualfocus
 
-    model = build_dualfocus(str(tiny_model), ConnectorConfig(gate_kind="tanh", gate_init=0.5))
-    assert [(b.gate_kind, b.gate.item()) for b in model.ffp.blocks] == [("tanh", 0.5)] * len(model.ffp.blocks)
+    ffp = build_dualfocus(str(tiny_model), ConnectorConfig(gate_kind="tanh", gate_init=0.5)).connector.ffp
+    assert [(b.gate_kind, b.gate.item()) for b in ffp.blocks] == [("tanh", 0.5)] * len(ffp.blocks)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dualfocus.connectors.dualfocus import DualFocusConfig, build_dualfocus
+from dualfocus.connectors.prompt import IGNORE_INDEX, PromptBuilder
+from dualfocus.data.batch import collate
+from dualfocus.data.samples import tokenise
 from dualfocus.pipeline.qa import QAItem
-from dualfocus.train.config import ConnectorConfig
-from dualfocus.train.data import collate, tokenise
-from dualfocus.train.model import TRAINABLE_PREFIXES, build_dualfocus
-from dualfocus.train.prompt import IGNORE_INDEX, PromptBuilder
+
+TRAINABLE_PREFIXES = ("semantic.", "time_embedding.", "ffp.")  # the DualFocus connector's three parts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,7 +25,7 @@ def parts(tiny_model):
     """(model, tokenised samples, qformer pad id): a short and a long clip with different questions."""
     from dualfocus.pipeline.models import load_llm_tokenizer, load_qformer_tokenizer
 
-    model = build_dualfocus(str(tiny_model), ConnectorConfig(ffp_blocks=2, ffp_heads=8), seed=0)
+    model = build_dualfocus(str(tiny_model), DualFocusConfig(ffp_blocks=2, ffp_heads=8), seed=0)
     q_tok = load_qformer_tokenizer(tiny_model)
     items = [QAItem("short", "What color is the shape?", "red"),
              QAItem("long", "Which direction does the moving object go in the video?", "it moves to the left")]
@@ -42,9 +44,7 @@ def item(sample, index: int, seed: int) -> dict:
 
 def per_sample_losses(model, batch) -> torch.Tensor:
     """Mean answer-token cross-entropy of each row, [b]."""
-    tokens, mask = model.video_tokens(batch["semantic"], batch["spatiotemporal"], batch["frame_mask"],
-                                      batch["qformer_ids"], batch["qformer_mask"])
-    inputs = model.llm_inputs(tokens, mask, batch["prefix_ids"], batch["text_ids"], batch["text_labels"])
+    inputs = model.llm_inputs(model.connector.visual_tokens(batch, model.llm), batch, with_labels=True)
     logits = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
     labels = inputs.labels[:, 1:]
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
@@ -57,11 +57,11 @@ def open_gates(parts):
     """Gates at 0.5 so the motion stream (and its padding) reaches the LLM; reset afterwards."""
     model = parts[0]
     with torch.no_grad():
-        for block in model.ffp.blocks:
+        for block in model.connector.ffp.blocks:
             block.gate.fill_(0.5)
     yield model
     with torch.no_grad():
-        for block in model.ffp.blocks:
+        for block in model.connector.ffp.blocks:
             block.gate.zero_()
 
 
@@ -72,17 +72,14 @@ def test_padding_never_changes_a_samples_output(parts, open_gates, position):
     short, long = item(samples[0], 0, seed=1), item(samples[1], 1, seed=2)
     alone = collate([short], pad_id)
     mixed = collate([short, long] if position == 0 else [long, short], pad_id)
-    assert mixed["frame_mask"].shape == (2, 4) and mixed["frame_mask"][position].sum() == 2
+    assert mixed.frame_mask.shape == (2, 4) and mixed.frame_mask[position].sum() == 2
     # whatever sits in the padding must not matter, not even NaN
-    mixed["semantic"][position, 2:] = float("nan")
-    mixed["spatiotemporal"][position, 2:] = float("nan")
+    mixed.streams["semantic"][position, 2:] = float("nan")
+    mixed.streams["spatiotemporal"][position, 2:] = float("nan")
     with torch.no_grad():
-        tok_a, mask_a = model.video_tokens(alone["semantic"], alone["spatiotemporal"], alone["frame_mask"],
-                                           alone["qformer_ids"], alone["qformer_mask"])
-        tok_m, mask_m = model.video_tokens(mixed["semantic"], mixed["spatiotemporal"], mixed["frame_mask"],
-                                           mixed["qformer_ids"], mixed["qformer_mask"])
-        in_a = model.llm_inputs(tok_a, mask_a, alone["prefix_ids"], alone["text_ids"], alone["text_labels"])
-        in_m = model.llm_inputs(tok_m, mask_m, mixed["prefix_ids"], mixed["text_ids"], mixed["text_labels"])
+        vis_a = model.connector.visual_tokens(alone, model.llm)
+        in_a = model.llm_inputs(vis_a, alone, with_labels=True)
+        in_m = model.llm_inputs(model.connector.visual_tokens(mixed, model.llm), mixed, with_labels=True)
         loss_alone = model(alone)
         losses_mixed = per_sample_losses(model, mixed)
     n = in_a.inputs_embeds.shape[1]
@@ -95,22 +92,21 @@ def test_padding_never_changes_a_samples_output(parts, open_gates, position):
     torch.testing.assert_close(losses_mixed[position], loss_alone, atol=1e-5, rtol=1e-5)
     # and the motion stream does reach the output (so the test above covers its padding too)
     with torch.no_grad():
-        for block in model.ffp.blocks:
+        for block in model.connector.ffp.blocks:
             block.gate.zero_()
-        tok_closed, _ = model.video_tokens(alone["semantic"], alone["spatiotemporal"], alone["frame_mask"],
-                                           alone["qformer_ids"], alone["qformer_mask"])
-    assert not torch.allclose(tok_closed, tok_a)
+        closed = model.connector.visual_tokens(alone, model.llm)
+    assert not torch.allclose(closed.embeds, vis_a.embeds)
 
 
 def test_llm_inputs_splice_video_between_prefix_and_question(parts):
     model, samples, pad_id = parts
     model.eval()
     batch = collate([item(samples[0], 0, 1), item(samples[1], 1, 2)], pad_id)
-    q = model.semantic.num_queries
+    q = model.connector.semantic.num_queries
     with torch.no_grad():
-        tokens, mask = model.video_tokens(batch["semantic"], batch["spatiotemporal"], batch["frame_mask"],
-                                          batch["qformer_ids"], batch["qformer_mask"])
-        inputs = model.llm_inputs(tokens, mask, batch["prefix_ids"], batch["text_ids"], batch["text_labels"])
+        visual = model.connector.visual_tokens(batch, model.llm)
+        inputs = model.llm_inputs(visual, batch, with_labels=True)
+    tokens = visual.embeds
     embed = model.llm.get_input_embeddings()
     for i, s in enumerate(samples):
         n_video = s.n_frames * q
@@ -131,14 +127,14 @@ def test_closed_gates_give_mlp_s_of_each_frames_queries_in_frame_order(parts):
     model, samples, pad_id = parts
     model.eval()
     batch = collate([item(samples[0], 0, 1), item(samples[1], 1, 2)], pad_id)
+    connector = model.connector
     with torch.no_grad():
-        tokens, mask = model.video_tokens(batch["semantic"], batch["spatiotemporal"], batch["frame_mask"],
-                                          batch["qformer_ids"], batch["qformer_mask"])
+        visual = connector.visual_tokens(batch, model.llm)
         for i, s in enumerate(samples):
             t, ids = s.n_frames, torch.tensor([s.qformer_ids] * s.n_frames)
-            queries = model.semantic(batch["semantic"][i, :t], ids, torch.ones_like(ids))  # [t, q, d_q]
-            expected = model.ffp.mlp_s(queries.reshape(-1, queries.shape[-1]))             # [t·q, d_l]
-            torch.testing.assert_close(tokens[i][mask[i]], expected, atol=1e-5, rtol=1e-5)
+            queries = connector.semantic(batch.streams["semantic"][i, :t], ids, torch.ones_like(ids))  # [t, q, d_q]
+            expected = connector.ffp.mlp_s(queries.reshape(-1, queries.shape[-1]))                   # [t·q, d_l]
+            torch.testing.assert_close(visual.embeds[i][visual.mask[i]], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_frozen_llm_gets_no_gradient_and_every_trainable_part_does(parts):
@@ -152,10 +148,10 @@ def test_frozen_llm_gets_no_gradient_and_every_trainable_part_does(parts):
     trainable = {k: p for k, p in named.items() if p.requires_grad}
     assert llm and trainable
     assert all(p.grad is None and not p.requires_grad for p in llm.values())
-    assert set(trainable) == {k for k in named if k.startswith(TRAINABLE_PREFIXES)}
+    assert set(trainable) == {k for k in named if k.startswith(tuple("connector." + p for p in TRAINABLE_PREFIXES))}
     assert [k for k, p in trainable.items() if p.grad is None] == []
     # at init the gates are 0, so the gate is where the fusion blocks first learn from
-    assert all(block.gate.grad.abs().item() > 0 for block in model.ffp.blocks)
+    assert all(block.gate.grad.abs().item() > 0 for block in model.connector.ffp.blocks)
     model.zero_grad(set_to_none=True)
     model.eval()
 
@@ -164,11 +160,12 @@ def test_trainable_state_dict_holds_the_connector_only(parts, tiny_model):
     model = parts[0]
     state = model.trainable_state_dict()
     assert state and not [k for k in state if k.startswith("llm.")]
-    assert set(state) == {k for k, p in model.named_parameters() if p.requires_grad}
-    fresh = build_dualfocus(str(tiny_model), ConnectorConfig(ffp_blocks=2, ffp_heads=8), seed=1)
-    assert not fresh.ffp.mlp_s[0].weight.equal(model.ffp.mlp_s[0].weight)
+    assert set(state) == {k for k, p in model.connector.named_parameters() if p.requires_grad}
+    assert all(k.startswith(TRAINABLE_PREFIXES) for k in state)
+    fresh = build_dualfocus(str(tiny_model), DualFocusConfig(ffp_blocks=2, ffp_heads=8), seed=1)
+    assert not fresh.connector.ffp.mlp_s[0].weight.equal(model.connector.ffp.mlp_s[0].weight)
     fresh.load_trainable_state_dict(state)
-    assert all(fresh.state_dict()[k].equal(v) for k, v in state.items())
+    assert all(fresh.connector.state_dict()[k].equal(v) for k, v in state.items())
     with pytest.raises(ValueError, match="missing"):
         fresh.load_trainable_state_dict({k: v for k, v in state.items() if not k.startswith("ffp.")})
     with pytest.raises(ValueError, match="unexpected"):
@@ -177,4 +174,4 @@ def test_trainable_state_dict_holds_the_connector_only(parts, tiny_model):
 
 def test_build_refuses_heads_that_do_not_divide_the_llm_width(tiny_model):
     with pytest.raises(ValueError, match="ffp_heads"):
-        build_dualfocus(str(tiny_model), ConnectorConfig(ffp_heads=7))
+        build_dualfocus(str(tiny_model), DualFocusConfig(ffp_heads=7))

@@ -51,9 +51,10 @@ def test_bf16_default_recipe_export_answers_through_generate_and_ask(tmp_path, t
     assert proc.stdout.strip() == rows[0]["pred"].strip()
 
 
-def _store_batch(toy_store: Path, toy_corpus: Path, tiny_model: Path, n: int = 2) -> dict:
-    from dualfocus.train.data import FeatureQADataset, collate
-    from dualfocus.train.prepare import prepare_samples
+def _store_batch(toy_store: Path, toy_corpus: Path, tiny_model: Path, n: int = 2):
+    from dualfocus.data.batch import collate
+    from dualfocus.data.prepare import prepare_samples
+    from dualfocus.data.samples import FeatureQADataset
 
     prepared = prepare_samples(str(toy_store), str(toy_corpus / "test_q.json"), str(tiny_model), with_answers=False)
     dataset = FeatureQADataset(str(toy_store), prepared.samples[:n], 4)
@@ -67,8 +68,10 @@ def test_connector_llm_and_features_run_in_one_dtype(dtype, toy_store, toy_corpu
     predictor = Predictor(bf16_export, str(tiny_model), dtype=dtype, device="cpu")
     want = getattr(torch, dtype)
     assert predictor.dtype == want and predictor.device == torch.device("cpu")
-    for name in ("semantic", "time_embedding", "ffp", "llm"):
-        dtypes = {p.dtype for p in getattr(predictor.model, name).parameters() if p.is_floating_point()}
+    model = predictor.model
+    for name, part in [("semantic", model.connector.semantic), ("time_embedding", model.connector.time_embedding),
+                       ("ffp", model.connector.ffp), ("llm", model.llm)]:
+        dtypes = {p.dtype for p in part.parameters() if p.is_floating_point()}
         assert dtypes == {want}, f"{name} parameters are {dtypes}"
     batch = _store_batch(toy_store, toy_corpus, tiny_model)
     seen = {}
@@ -76,7 +79,7 @@ def test_connector_llm_and_features_run_in_one_dtype(dtype, toy_store, toy_corpu
     def record(module, args, out):  # returns None, so the output is left as it is
         seen["ffp"] = out.dtype
 
-    predictor.model.ffp.register_forward_hook(record)
+    predictor.model.connector.ffp.register_forward_hook(record)
     answers = predictor.answer(batch, SamplingConfig(greedy=True, max_new_tokens=3))
     assert seen["ffp"] == want
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)

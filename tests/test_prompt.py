@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dualfocus.train.data import tokenise
-from dualfocus.train.prompt import IGNORE_INDEX, PLACEHOLDER, SYSTEM, TEMPLATE, PromptBuilder
+from dualfocus.data.samples import tokenise
+from dualfocus.connectors.prompt import IGNORE_INDEX, PLACEHOLDER, SYSTEM, TEMPLATE, PromptBuilder
 
 QUESTION = "Which direction does the shape move?"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualfocus.train.semantic import SemanticStream, semantic_stream_from_instructblip
+from dualfocus.connectors.semantic import SemanticStream, semantic_stream_from_instructblip
 
 N_QUERIES = 32
 

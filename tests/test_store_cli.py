@@ -26,7 +26,7 @@ def test_train_names_missing_streams_and_the_extract_command_before_loading_a_mo
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"the feature store at {store} lacks the stream(s) semantic, spatiotemporal" in lines[0]
     assert "it has dino.grid" in lines[0]
-    assert f"dualfocus extract CORPUS --model {model} --out {store}" in lines[0]
+    assert f"dualfocus extract CORPUS --out {store} --model {model}" in lines[0]
 
 
 def test_migrate_and_inspect_a_format_1_store(tmp_path, tiny_model):

@@ -13,9 +13,9 @@ from conftest import run_cli
 
 from dualfocus.pipeline.config import load_config
 from dualfocus.pipeline.errors import UserError
-from dualfocus.train.checks import ModelLimits, check_context_length, connector_problems, sequence_length
+from dualfocus.connectors.limits import ModelLimits, check_context_length, question_problems, sequence_length
 from dualfocus.train.config import TrainConfig
-from dualfocus.train.data import Tokenised
+from dualfocus.data.samples import Tokenised
 from dualfocus.train.loop import deepspeed_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,18 +42,20 @@ def test_limits_come_from_the_model_config(tiny_model):
                                                          query_tokens=32)
 
 
-def test_heads_that_do_not_divide_the_width_and_too_long_questions_are_named():
-    assert connector_problems(LIMITS, 8, 64) == []
-    problems = connector_problems(LIMITS, 6, 600)
-    assert problems == ["connector.ffp_heads (6) must divide the LLM width (64, text_config.hidden_size)",
-                        "data.max_question_tokens (600) exceeds the Q-Former's 512 positions "
-                        "(qformer_config.max_position_embeddings)"]
+def test_heads_that_do_not_divide_the_width_and_too_long_questions_are_named(tiny_model):
+    from dualfocus.connectors.dualfocus import DualFocus, DualFocusConfig
+
+    assert question_problems(LIMITS, 64) == [] and DualFocus.model_problems(DualFocusConfig(ffp_heads=8), tiny_model) == []
+    assert DualFocus.model_problems(DualFocusConfig(ffp_heads=6), tiny_model) == [
+        "connector.ffp_heads (6) must divide the LLM width (64, text_config.hidden_size)"]
+    assert question_problems(LIMITS, 600) == ["data.max_question_tokens (600) exceeds the Q-Former's 512 positions "
+                                              "(qformer_config.max_position_embeddings)"]
 
 
 def test_build_refuses_bad_heads_before_loading_the_llm(tiny_model, monkeypatch):
     import dualfocus.pipeline.models as models
-    from dualfocus.train.config import ConnectorConfig
-    from dualfocus.train.model import build_dualfocus
+    from dualfocus.connectors.dualfocus import DualFocusConfig as ConnectorConfig
+    from dualfocus.connectors.dualfocus import build_dualfocus
 
     def no_load(*args, **kwargs):
         raise AssertionError("the LLM was loaded before the cheap check")
@@ -78,14 +80,14 @@ def test_too_long_samples_are_refused_with_the_numbers_and_a_cap_that_fits():
     message = str(err.value)
     assert message == ("2 of 3 samples exceed the LLM's context of 200 tokens (text_config.max_position_embeddings): "
                        "question 'Where does it go?' on video long_b needs 8 frames (data.max_frames=null) x 32 "
-                       "query tokens + 50 text tokens = 306; set data.max_frames to at most 4")
+                       "visual tokens + 50 text tokens = 306; set data.max_frames to at most 4")
     check_context_length(samples, 4, LIMITS)  # the advice holds: 50 + 4·32 = 178 (and 40 + 4·32)
     with pytest.raises(UserError, match="^1 of 3 samples .* long_b needs 5 frames .data.max_frames=5. "):
         check_context_length(samples, 5, LIMITS)
 
 
 def test_generation_counts_the_new_tokens_and_text_too_long_for_one_frame_is_named():
-    with pytest.raises(UserError, match=r"needs 3 frames \(max_frames=null\) x 32 query tokens \+ 140 text tokens "
+    with pytest.raises(UserError, match=r"needs 3 frames \(max_frames=null\) x 32 visual tokens \+ 140 text tokens "
                                         r"\(incl. 100 to generate\) = 236; set max_frames to at most 1$"):
         check_context_length([sample(3, 40)], None, LIMITS, new_tokens=100, frames_key="max_frames")
     with pytest.raises(UserError, match="even one frame does not fit next to 190 text tokens"):
@@ -148,7 +150,7 @@ def test_cli_refuses_precision_mismatch_and_too_long_samples_before_loading(toy_
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     line = proc.stderr.strip()
     assert line.startswith("error: ") and "exceed the LLM's context of 128 tokens" in line
-    assert "(data.max_frames=null) x 32 query tokens" in line and "set data.max_frames to at most 2" in line
+    assert "(data.max_frames=null) x 32 visual tokens" in line and "set data.max_frames to at most 2" in line
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 

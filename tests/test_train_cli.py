@@ -61,20 +61,22 @@ def test_run_directory_holds_config_metrics_plot_and_export(cli_run, toy_store, 
     meta = json.loads((run / "final" / "dualfocus.json").read_text())
     assert meta["step"] == 8 and meta["base_model"] == str(Path(tiny_model).resolve())
     assert meta["store_fingerprint"] == store_fingerprint(toy_store)
-    assert meta["max_frames"] == 4 and meta["connector"]["ffp_blocks"] == 2
+    assert meta["max_frames"] == 4 and meta["connector"] == "dualfocus" and meta["connector_config"]["ffp_blocks"] == 2
+    assert meta["streams"] == ["semantic", "spatiotemporal"] and meta["format_version"] == 2
     # what inference must reproduce: the Q-Former question length, and the precisions the run used
     assert (meta["max_question_tokens"], meta["llm_dtype"], meta["connector_dtype"]) == (64, "float32", "float32")
 
 
 @pytest.fixture(scope="module")
 def model_and_samples(tiny_model, toy_store, cli_run):
-    from dualfocus.train.config import ConnectorConfig
-    from dualfocus.train.data import FeatureQADataset, collate
-    from dualfocus.train.model import build_dualfocus
-    from dualfocus.train.prepare import prepare_samples
+    from dualfocus.connectors.export import read_export
+    from dualfocus.connectors.registry import build_video_llm
+    from dualfocus.data.batch import collate
+    from dualfocus.data.prepare import prepare_samples
+    from dualfocus.data.samples import FeatureQADataset
 
-    meta = json.loads((cli_run["run"] / "final" / "dualfocus.json").read_text())
-    model = build_dualfocus(str(tiny_model), ConnectorConfig(**meta["connector"])).eval()  # as the run built it
+    meta, _ = read_export(cli_run["run"] / "final")
+    model = build_video_llm(meta.connector_config_object(), str(tiny_model)).eval()  # as the run built it
     prepared = prepare_samples(str(toy_store), str(cli_run["annotations"]), str(tiny_model), with_answers=True)
     dataset = FeatureQADataset(str(toy_store), prepared.samples, max_frames=4)
     batch = collate([dataset[i] for i in range(len(dataset))], prepared.qformer_pad_id)
@@ -96,10 +98,10 @@ def test_checkpoints_and_export_hold_every_trainable_weight_and_no_llm(cli_run, 
     from safetensors.torch import load_file
 
     run, model = cli_run["run"], model_and_samples[0]
-    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
-    assert trainable and not any(k.startswith("llm.") for k in trainable)
-    exported = load_file(str(run / "final" / "connector.safetensors"))
-    assert set(exported) == trainable
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}   # named inside VideoLLM
+    assert trainable and all(k.startswith("connector.") for k in trainable)
+    exported = load_file(str(run / "final" / "connector.safetensors"))      # named inside the connector
+    assert {"connector." + k for k in exported} == trainable
     tags = sorted(p.name for p in (run / "checkpoints").glob("step*"))
     assert tags == ["step0000006", "step0000008"]  # save_every=3 plus the end, two kept
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -117,7 +119,7 @@ def test_checkpoints_and_export_hold_every_trainable_weight_and_no_llm(cli_run, 
         # fp32 master weights + Adam's two moments (+ step counters), nothing else
         assert 3 * n_trainable <= tensor_elements(optim) <= 3 * n_trainable + 8
     last = torch.load(run / "checkpoints" / "step0000008" / "mp_rank_00_model_states.pt", weights_only=False)
-    assert all(torch.equal(last["module"][k].float(), v) for k, v in exported.items())
+    assert all(torch.equal(last["module"]["connector." + k].float(), v) for k, v in exported.items())
 
 
 def test_training_lowered_the_loss_on_the_training_set(cli_run, model_and_samples):

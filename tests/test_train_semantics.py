@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dualfocus.connectors.dualfocus import DualFocusConfig, build_dualfocus
+from dualfocus.connectors.prompt import PromptBuilder
+from dualfocus.data.batch import collate
+from dualfocus.data.samples import tokenise
 from dualfocus.pipeline.qa import QAItem
-from dualfocus.train.config import ConnectorConfig
-from dualfocus.train.data import collate, tokenise
-from dualfocus.train.model import build_dualfocus
-from dualfocus.train.prompt import PromptBuilder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,10 +47,10 @@ def a_batch(model_dir: Path) -> dict:
 
 
 def test_the_llm_stays_in_eval_mode_through_a_training_step(dropout_model_dir):
-    model = build_dualfocus(str(dropout_model_dir), ConnectorConfig(ffp_heads=2))
+    model = build_dualfocus(str(dropout_model_dir), DualFocusConfig(ffp_heads=2))
     assert model.llm.config.attention_dropout == 0.5
     model.train()
-    assert model.training and model.semantic.training and model.ffp.training  # the connector does train
+    assert model.training and model.connector.semantic.training and model.connector.ffp.training  # it does train
     assert not any(m.training for m in model.llm.modules())
 
     modes = []
@@ -80,13 +80,13 @@ def test_the_deepspeed_engine_keeps_the_llm_in_eval(dropout_model_dir):
     init_distributed()
     import deepspeed
 
-    model = build_dualfocus(str(dropout_model_dir), ConnectorConfig(ffp_heads=2))
+    model = build_dualfocus(str(dropout_model_dir), DualFocusConfig(ffp_heads=2))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-3),
                                       model_parameters=trainable,
                                       config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}})
     engine.train()
-    assert engine.module.ffp.training and not any(m.training for m in engine.module.llm.modules())
+    assert engine.module.connector.ffp.training and not any(m.training for m in engine.module.llm.modules())
     loss = engine(a_batch(dropout_model_dir))
     engine.backward(loss)
     engine.step()

@@ -19,7 +19,8 @@ from dualfocus.pipeline.config import ConfigError, load_config
 from dualfocus.store import FeatureStore, GroupWriter
 from dualfocus.store.tar_shard import TarShardReader
 from dualfocus.train.config import TrainConfig
-from dualfocus.train.data import FeatureQADataset, Tokenised, collate
+from dualfocus.data.batch import collate
+from dualfocus.data.samples import FeatureQADataset, Tokenised
 from dualfocus.train.streaming import StreamingQADataset, buffer_shuffle, wants_streaming
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,8 +185,8 @@ def test_workers_0_and_2_give_the_same_batches(wds_store, samples):
     for position in [(0, 0), (1, 5)]:
         n = 2 * per + 1
         one, two = loader_batches(0, position, n), loader_batches(2, position, n)
-        assert [b["indices"] for b in one] == [b["indices"] for b in two]
-        assert all(torch.equal(a[k], b[k]) for a, b in zip(one, two) for k in ("semantic", "spatiotemporal"))
+        assert [b.indices for b in one] == [b.indices for b in two]
+        assert all(torch.equal(a.streams[k], b.streams[k]) for a, b in zip(one, two) for k in ("semantic", "spatiotemporal"))
 
 
 def test_ranks_take_disjoint_equal_contiguous_runs(wds_store, samples):

@@ -22,16 +22,16 @@ def main() -> None:
 
     from dualfocus.cli import app
     from dualfocus.train import checkpoint
-    from dualfocus.train.model import DualFocus
+    from dualfocus.connectors.video_llm import VideoLLM
 
     record = Path(sys.argv[1])
     record.mkdir(parents=True, exist_ok=True)
-    forward, save = DualFocus.forward, checkpoint.save_checkpoint
+    forward, save = VideoLLM.forward, checkpoint.save_checkpoint
 
     def recording_forward(self, batch):
         loss = forward(self, batch)
         with open(record / f"rank{dist.get_rank()}_losses.jsonl", "a") as f:
-            f.write(json.dumps({"loss": loss.item(), "indices": batch["indices"]}) + "\n")
+            f.write(json.dumps({"loss": loss.item(), "indices": batch.indices}) + "\n")
         return loss
 
     def recording_save(engine, run_dir, step, client, keep):
@@ -40,7 +40,7 @@ def main() -> None:
         save_file(weights, str(record / f"rank{dist.get_rank()}_step{step}.safetensors"))
         return tag
 
-    DualFocus.forward = recording_forward
+    VideoLLM.forward = recording_forward
     checkpoint.save_checkpoint = recording_save
     sys.argv = ["dualfocus", *sys.argv[2:]]
     app()

@@ -9,11 +9,11 @@ RUN_DIR/
     metrics.jsonl            one line per logged step
     loss.png                 loss curve, written at the end
     final/connector.safetensors + final/dualfocus.json   the export that generate/ask load
+                             (written by ``connectors/export.py``)
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import shutil
@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-EXPORT_WEIGHTS = "connector.safetensors"
-EXPORT_META = "dualfocus.json"
+CHECKPOINT_LAYOUT = "video_llm"
+"""Recorded in each checkpoint's client state: weights named ``connector.*`` inside ``VideoLLM``. Checkpoints
+without it predate the connector library (weights named ``semantic.*``, ``ffp.*``) and are refused on resume
+rather than loaded partially."""
 
 
 def rng_state() -> dict:
@@ -99,29 +101,3 @@ def load_checkpoint(engine, run_dir: Path, tag: str) -> dict:
     rng_file = root / tag / f"rng_rank{dist.get_rank()}.pt"
     set_rng_state(client.pop("rng") if "rng" in client else torch.load(rng_file, weights_only=False))
     return client
-
-
-def export_connector(model, run_dir: Path, meta: dict) -> Path:
-    """Write final/connector.safetensors (trainable weights, fp32) and final/dualfocus.json."""
-    from safetensors.torch import save_file
-
-    out = Path(run_dir) / "final"
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    save_file(state, str(out / EXPORT_WEIGHTS))
-    (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
-    return out
-
-
-def read_export(path: str | Path) -> tuple[dict, dict]:
-    """(meta, state_dict) of an export directory; a clear error when it is not one."""
-    from safetensors.torch import load_file
-
-    from dualfocus.pipeline.errors import UserError
-
-    path = Path(path)
-    meta_path = path / EXPORT_META
-    if not meta_path.is_file() or not (path / EXPORT_WEIGHTS).is_file():
-        raise UserError(f"{path} is not a dualfocus export (expected {EXPORT_META} and {EXPORT_WEIGHTS}; "
-                        "pass RUN_DIR/final)")
-    return json.loads(meta_path.read_text()), load_file(str(path / EXPORT_WEIGHTS))

@@ -9,38 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-@dataclass
-class ConnectorConfig:
-    """The trainable connector: semantic stream + time embedding + Focus Feature Projector."""
-
-    ffp_blocks: int = 2
-    """Fusion blocks in the FFP (paper: 2)."""
-    ffp_heads: int = 8
-    """Attention heads in the FFP (paper: 8); must divide the LLM width."""
-    ffp_dropout: float = 0.0
-    """Dropout inside the FFP."""
-    time_positions: int = 1000
-    """Relative-time embedding table size (positions scaled to 0..time_positions-1)."""
-    gate_init: float = 0.0
-    """Initial value of each FFP fusion gate (paper: 0, so the connector starts as mlp_s(semantic))."""
-    gate_kind: str = "linear"
-    """How a gate scales its block's fused branch: "linear" (paper: s + g·c) or "tanh" (s + tanh(g)·c,
-    bounded as in Flamingo-style gated cross-attention)."""
-
-    def check(self) -> list[str]:
-        problems = []
-        if self.ffp_blocks < 1:
-            problems.append(f"ffp_blocks must be >= 1, got {self.ffp_blocks}")
-        if self.ffp_heads < 1:
-            problems.append(f"ffp_heads must be >= 1, got {self.ffp_heads}")
-        if not 0 <= self.ffp_dropout < 1:
-            problems.append(f"ffp_dropout must be within [0, 1), got {self.ffp_dropout}")
-        if self.time_positions < 2:
-            problems.append(f"time_positions must be >= 2, got {self.time_positions}")
-        if self.gate_kind not in ("linear", "tanh"):
-            problems.append(f"gate_kind must be linear or tanh, got {self.gate_kind!r}")
-        return problems
+from dualfocus.connectors.dualfocus import DualFocusConfig
+from dualfocus.connectors.registry import ConnectorConfig
 
 
 @dataclass
@@ -56,8 +26,9 @@ class DataConfig:
     max_answer_tokens: int = 256
     """Longer answers are cut, and a cut answer gets no EOS label (it must not teach stopping mid-answer)."""
     max_question_tokens: int = 64
-    """Question tokens the Q-Former reads (its own tokenizer, CLS/SEP included); longer questions are cut.
-    Recorded in the export so inference cuts the same way."""
+    """Question tokens the Q-Former reads (its own tokenizer, CLS/SEP included), and the most question tokens
+    a connector embedding the question with the LLM reads; longer questions are cut. Recorded in the export so
+    inference cuts the same way."""
     shuffle: bool = True
     """Shuffle with a seeded permutation per epoch (reproducible, resumable); streaming, a seeded shard order and
     an in-shard buffer."""
@@ -150,7 +121,9 @@ class TrainConfig:
     a JSON that enables another precision is refused."""
     deepspeed: str = "configs/ds_zero2_bf16.json"
     """DeepSpeed JSON (ZeRO stage, precision); a path, or a name under the package's configs/."""
-    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    connector: ConnectorConfig = field(default_factory=DualFocusConfig)
+    """The connector: ``connector.name`` picks the system (``dualfocus``, ``dualfocus-qavit``; ``--connector``)
+    and the rest of the section is that system's config."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 

@@ -1,4 +1,4 @@
-"""``run_train``: DeepSpeed training of the DualFocus connector on cached features, resumable exactly.
+"""``run_train``: DeepSpeed training of a connector (``connector.name``) on cached features, resumable exactly.
 
 Single process by default (a one-rank gloo/nccl group is set up here); under the ``deepspeed`` launcher
 or ``torchrun`` the same code runs data-parallel, each rank taking every ``world``-th batch (streaming a
@@ -177,12 +177,14 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     from dualfocus.pipeline.config import save_config
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.progress import step_progress
+    from dualfocus.connectors.export import write_export
+    from dualfocus.connectors.limits import ModelLimits, check_context_length, question_problems
+    from dualfocus.connectors.registry import build_video_llm, connector_class
+    from dualfocus.data.batch import collate
+    from dualfocus.data.prepare import prepare_samples
+    from dualfocus.data.samples import FeatureQADataset
     from dualfocus.train import checkpoint as ckpt
-    from dualfocus.train.checks import ModelLimits, check_context_length, connector_problems
-    from dualfocus.train.data import FeatureQADataset, collate
-    from dualfocus.train.model import build_dualfocus
     from dualfocus.train.plot import plot_loss
-    from dualfocus.train.prepare import prepare_samples
     from dualfocus.train.sampler import ResumableBatches
     from dualfocus.train.streaming import StreamingQADataset, wants_streaming
 
@@ -191,14 +193,19 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     # The cheap checks (config.json, the DeepSpeed JSON, store.json, the tokenised samples): every mistake they
     # catch is reported before DeepSpeed starts and before the LLM loads.
     limits = ModelLimits.of(cfg.model)
-    problems = connector_problems(limits, cfg.connector.ffp_heads, cfg.data.max_question_tokens)
+    system = connector_class(cfg.connector.name)
+    problems = system.model_problems(cfg.connector, cfg.model) + question_problems(limits, cfg.data.max_question_tokens)
     if problems:
         raise UserError("; ".join(problems))
     deepspeed_config(cfg, world=1)  # the JSON and its precision; filled for the real world size below
-    prepared = prepare_samples(cfg.store, cfg.annotations, cfg.model, with_answers=True,
+    expected = system.expected_streams(cfg.connector, cfg.model)
+    prepared = prepare_samples(cfg.store, cfg.annotations, cfg.model, with_answers=True, expected=expected,
                                max_answer_tokens=cfg.data.max_answer_tokens,
-                               max_question_tokens=cfg.data.max_question_tokens)
-    check_context_length(prepared.samples, cfg.data.max_frames, limits)
+                               max_question_tokens=cfg.data.max_question_tokens,
+                               taps=system.expected_taps(cfg.connector, cfg.model),
+                               extract_args=functools.partial(system.extract_args, cfg.connector, cfg.model))
+    check_context_length(prepared.samples, cfg.data.max_frames, limits,
+                         tokens_per_frame=system.tokens_per_frame(cfg.connector, cfg.model))
     streaming = wants_streaming(cfg.data.streaming, cfg.store, prepared.store_info["streams"])
     rank, world = init_distributed()
     is_main = rank == 0
@@ -209,6 +216,10 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         if saved_world != world:  # each rank's data position and RNG belong to that world size
             raise UserError(f"--resume: {run_dir} was trained by {saved_world} process(es), this run has {world}; "
                             f"resume with {saved_world} (the data order and RNG state depend on it)")
+        if saved.get("layout") != ckpt.CHECKPOINT_LAYOUT:  # parameter names changed with the connector library
+            raise UserError(f"--resume: {run_dir}/checkpoints/{resume_tag} was written by an older dualfocus whose "
+                            "checkpoints name the weights differently; start a new run (its final/ export still "
+                            "works with generate and ask)")
         if saved.get("streaming", streaming) != streaming:  # data.streaming=auto, and the store changed format
             raise UserError(f"--resume: {run_dir} was trained {'streaming' if saved['streaming'] else 'indexing'} "
                             f"the store, and data.streaming={cfg.data.streaming} now resolves the other way for "
@@ -217,11 +228,12 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         save_config(cfg, run_dir / "train_config.yaml")
 
     torch.manual_seed(cfg.seed)
-    model = build_dualfocus(cfg.model, cfg.connector, llm_dtype=cfg.llm_dtype, seed=cfg.seed)
+    model = build_video_llm(cfg.connector, cfg.model, llm_dtype=cfg.llm_dtype, seed=cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    gates = {id(block.gate) for block in model.ffp.blocks}  # optim.gate_lr_scale applies to these alone
-    groups = [{"params": [p for p in trainable if id(p) not in gates]},
-              {"params": [p for p in trainable if id(p) in gates], "lr": cfg.optim.lr * cfg.optim.gate_lr_scale}]
+    gates = {id(p) for p in model.connector.gate_parameters()}  # optim.gate_lr_scale applies to these alone
+    groups = [{"params": [p for p in trainable if id(p) not in gates]}]
+    if gates:  # an empty group would be dropped by ZeRO and leave the scheduler one group short
+        groups.append({"params": [p for p in trainable if id(p) in gates], "lr": cfg.optim.lr * cfg.optim.gate_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(cfg.optim.warmup_steps))
@@ -248,14 +260,15 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     if streaming:  # the dataset yields whole batches
         dataset.position, batching = position, {"batch_size": None}
     else:
-        dataset = FeatureQADataset(cfg.store, prepared.samples, cfg.data.max_frames)
+        dataset = FeatureQADataset(cfg.store, prepared.samples, cfg.data.max_frames, tuple(expected))
         batching = {"batch_sampler": ResumableBatches(len(prepared.samples), cfg.data.batch_size, cfg.seed,
                                                       cfg.data.shuffle, rank, world, position=position)}
     # The loader gets its own generator: starting an iterator draws a worker seed, and drawing it from the
     # global RNG would shift the dropout stream of a resumed run away from the uninterrupted one.
     loader = torch.utils.data.DataLoader(
         dataset, **batching, num_workers=cfg.data.num_workers,
-        collate_fn=functools.partial(collate, qformer_pad_id=prepared.qformer_pad_id),
+        collate_fn=functools.partial(collate, qformer_pad_id=prepared.qformer_pad_id,
+                                     llm_pad_id=prepared.pad_token_id or 0),
         persistent_workers=cfg.data.num_workers > 0, prefetch_factor=4 if cfg.data.num_workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed))
     data = iter(loader)
@@ -281,13 +294,13 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
                 batch = next(data)
                 t_ready = time.perf_counter()
                 waited += t_ready - t_wait
-                batch = _to_device(batch, engine.device, dtype)
+                batch = batch.to(engine.device, dtype, non_blocking=True)
                 loss = engine(batch)
                 engine.backward(loss)
                 engine.step()
                 computed += time.perf_counter() - t_ready
                 step_loss += float(loss.detach()) / micro_per_step
-                step_samples += len(batch["samples"])
+                step_samples += len(batch)
                 consumed += 1
             step_loss, step_samples = _global_step_figures(step_loss, step_samples, engine.device, world)
             samples_seen += step_samples
@@ -311,7 +324,8 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
             advance(step_loss, samples_seen / elapsed)
             if step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(engine, run_dir, step,
-                                     {"step": step, "micro_batches": consumed, "streaming": streaming},
+                                     {"step": step, "micro_batches": consumed, "streaming": streaming,
+                                      "layout": ckpt.CHECKPOINT_LAYOUT},
                                      cfg.keep_checkpoints)
     seconds = time.perf_counter() - t0
     export = plot = ""
@@ -319,7 +333,7 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         raise UserError(stopped)
     if is_main:
         meta = export_meta(cfg, prepared.store_info, step, connector_dtype=dtype)
-        export = str(ckpt.export_connector(engine.module, run_dir, meta))
+        export = str(write_export(engine.module.trainable_state_dict(), meta, run_dir / "final"))
         plot = str(plot_loss(metrics_path, run_dir / "loss.png"))
     return TrainSummary(run_dir=str(run_dir), steps=step, start_step=start_step, first_loss=first_loss,
                         last_loss=last_loss, samples=samples_seen, seconds=seconds,
@@ -338,22 +352,15 @@ def _global_step_figures(loss: float, samples: int, device, world: int) -> tuple
     return figures[0].item() / world, int(figures[1].item())
 
 
-def export_meta(cfg: TrainConfig, store_info: dict, step: int, connector_dtype: torch.dtype) -> dict:
-    """What generate/ask need to rebuild the model and check they are given matching inputs."""
+def export_meta(cfg: TrainConfig, store_info: dict, step: int, connector_dtype: torch.dtype):
+    """The ``ExportMeta`` generate/ask need to rebuild the model and check they are given matching inputs."""
     from dataclasses import asdict
 
+    from dualfocus.connectors.export import ExportMeta
     from dualfocus.pipeline.models import config_hash
 
-    return {"format_version": 1, "base_model": str(Path(cfg.model).resolve()), "base_model_hash": config_hash(cfg.model),
-            "store_fingerprint": store_info["fingerprint"], "connector": asdict(cfg.connector),
-            "llm_dtype": cfg.llm_dtype, "connector_dtype": str(connector_dtype).removeprefix("torch."),
-            "max_frames": cfg.data.max_frames, "max_question_tokens": cfg.data.max_question_tokens, "step": step}
-
-
-def _to_device(batch: dict, device, dtype) -> dict:
-    out = dict(batch)
-    for key in ("semantic", "spatiotemporal"):
-        out[key] = batch[key].to(device=device, dtype=dtype, non_blocking=True)
-    for key in ("frame_mask", "qformer_ids", "qformer_mask"):
-        out[key] = batch[key].to(device, non_blocking=True)
-    return out
+    return ExportMeta(connector=cfg.connector.name, connector_config=asdict(cfg.connector),
+                      base_model=str(Path(cfg.model).resolve()), base_model_hash=config_hash(cfg.model),
+                      store_fingerprint=store_info["fingerprint"], streams=list(store_info["streams"]),
+                      llm_dtype=cfg.llm_dtype, connector_dtype=str(connector_dtype).removeprefix("torch."),
+                      max_frames=cfg.data.max_frames, max_question_tokens=cfg.data.max_question_tokens, step=step)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from dualfocus.pipeline.sampling import uniform_indices
-from dualfocus.train.data import DUALFOCUS_STREAMS, Tokenised
+from dualfocus.connectors.dualfocus import DUALFOCUS_STREAMS
+from dualfocus.data.samples import Tokenised
 
 SHUFFLE_BUFFER = 16
 """Samples the in-shard shuffle buffer holds. Small, because a worker keeps the features of the samples it

@@ -65,8 +65,10 @@ def join_with_store(items: list[QAItem], store, streams: Sequence[str]) -> tuple
     return kept, report
 
 
-def check_store_streams(store, streams: Sequence[str], store_path: str, model_dir: str) -> None:
-    """Refuse a store that lacks a stream the connector reads, naming each and the extract command adding them."""
+def check_store_streams(store, streams: Sequence[str], store_path: str, model_dir: str,
+                        extract_args=None) -> None:
+    """Refuse a store that lacks a stream the connector reads, naming each and the extract command adding them
+    (``extract_args(missing) -> str``: the connector's arguments for it; default ``--model MODEL``)."""
     from dualfocus.store import MissingStreamError
 
     missing = []
@@ -77,22 +79,39 @@ def check_store_streams(store, streams: Sequence[str], store_path: str, model_di
             missing.append(stream)
     if missing:
         have = ", ".join(store.streams()) or "no streams"
+        args = extract_args(missing) if extract_args else f"--model {model_dir}"
         raise UserError(f"the feature store at {store_path} lacks the stream(s) {', '.join(missing)} this connector "
-                        f"reads (it has {have}); add them with: dualfocus extract CORPUS --model {model_dir} "
-                        f"--out {store_path}")
+                        f"reads (it has {have}); add them with: dualfocus extract CORPUS --out {store_path} {args}")
 
 
-def check_store_matches_model(store, model_dir: str, streams: Sequence[str] = ("semantic", "spatiotemporal")) -> None:
-    """Refuse a store whose per-frame shapes do not fit the model's Q-Former, naming both."""
-    from dualfocus.extract.run import stream_shapes
-
-    want = [tuple(shape) for shape in stream_shapes(model_dir)]
-    have = [tuple(store.tap_shape(s)) for s in streams]
-    if have != want:
+def check_store_shapes(store, expected: dict[str, tuple[int, ...]], model_dir: str) -> None:
+    """Refuse a store whose per-frame shapes differ from what the connector expects of this model, naming both."""
+    have = {stream: tuple(store.tap_shape(stream)) for stream in expected}
+    if any(have[s] != tuple(want) for s, want in expected.items()):
         raise UserError(
-            f"feature store holds frames of {' / '.join(f'{s} {list(h)}' for s, h in zip(streams, have))} "
-            f"(tokens, width), but the model at {model_dir} expects {' / '.join(str(list(w)) for w in want)}: "
-            "extract the store with this model's vision tower")
+            f"feature store holds frames of {' / '.join(f'{s} {list(h)}' for s, h in have.items())} "
+            f"(tokens, width), but the model at {model_dir} expects "
+            f"{' / '.join(str(list(w)) for w in expected.values())}: extract the store with this model's vision tower")
+
+
+def check_store_taps(store, expected: dict[str, str], depth: int, store_path: str) -> None:
+    """Refuse a stream whose stored tap is not the cut the connector needs (``hidden[-2]`` and ``hidden[K]``
+    name the same layer of a ``depth``-block tower), naming the stream, both taps and the store."""
+    from dualfocus.encoders.taps import parse_tap
+
+    def canonical(text: str):
+        tap = parse_tap(text)
+        return (tap.kind, None if tap.layer is None else tap.layer % (depth + 1), tap.size)
+
+    wrong = []
+    for stream, want in expected.items():
+        group, tap = store.resolve(stream)
+        have = store.groups[group].info.taps[tap].spec
+        if not have or canonical(have) != canonical(want):
+            wrong.append(f"{stream} holds {have}, not {want}")
+    if wrong:
+        raise UserError(f"the feature store at {store_path} has the wrong cut for this connector: {'; '.join(wrong)} "
+                        "(extract another group with the tap this connector reads)")
 
 
 @dataclass
@@ -107,18 +126,15 @@ class Tokenised:
     text_labels: list[int]
     question_id: str = ""
     question: str = ""
-
-
-DUALFOCUS_STREAMS = ("semantic", "spatiotemporal")
-"""The streams DualFocus reads: the post-LN vision output and the pooled second-to-last state (`extract`'s
-default group)."""
+    question_ids: list[int] = field(default_factory=list)
+    """The question alone in the LLM's tokenizer (no special tokens), for connectors that embed it."""
 
 
 class FeatureQADataset(torch.utils.data.Dataset):
     """Map-style dataset over tokenised samples; the ``streams`` are read from the store on demand."""
 
     def __init__(self, store_path: str, samples: list[Tokenised], max_frames: int | None,
-                 streams: Sequence[str] = DUALFOCUS_STREAMS):
+                 streams: Sequence[str] = ("semantic", "spatiotemporal")):
         self.store_path = store_path
         self.streams = tuple(streams)
         self.samples = samples
@@ -135,7 +151,7 @@ class FeatureQADataset(torch.utils.data.Dataset):
             self._store = FeatureStore.open(self.store_path)
         s = self.samples[i]
         feats = self._store.read(s.video_id, uniform_indices(s.n_frames, self.max_frames), streams=self.streams)
-        # semantic [t, P, d_v], spatiotemporal [t, M, d_v]
+        # each stream [t, ...] (e.g. DualFocus: semantic [t, P, d_v], spatiotemporal [t, M, d_v])
         out = {name: torch.from_numpy(np.asarray(feats[name], dtype=np.float32)) for name in self.streams}
         return {**out, "sample": s, "index": i}
 
@@ -150,39 +166,9 @@ def tokenise(items: list[QAItem], n_frames: dict[str, int], prompt, qformer_toke
         text = pieces.suffix + pieces.answer
         out.append(Tokenised(video_id=item.video_id, n_frames=int(n_frames[item.video_id]), qformer_ids=list(qids),
                              prefix_ids=list(pieces.prefix), text_ids=text, text_labels=pieces.labels_after_video(),
-                             question_id=item.question_id, question=item.question))
+                             question_id=item.question_id, question=item.question,
+                             question_ids=prompt.question_ids(item.question, max_question_tokens)))
     return out
-
-
-def collate(batch: list[dict], qformer_pad_id: int = 0) -> dict:
-    """Pad frames and Q-Former ids; keep LLM ids as per-sample lists (spliced in ``DualFocus.llm_inputs``).
-
-    Returns semantic ``[b, T, P, d_v]``, spatiotemporal ``[b, T, M, d_v]``, frame_mask ``[b, T]``,
-    qformer_ids/qformer_mask ``[b, L]`` and lists ``prefix_ids``, ``text_ids``, ``text_labels``.
-    """
-    b = len(batch)
-    T = max(x["semantic"].shape[0] for x in batch)
-    P, d = batch[0]["semantic"].shape[1:]
-    M = batch[0]["spatiotemporal"].shape[1]
-    semantic = torch.zeros(b, T, P, d)
-    motion = torch.zeros(b, T, M, d)
-    frame_mask = torch.zeros(b, T, dtype=torch.bool)
-    L = max(len(x["sample"].qformer_ids) for x in batch)
-    q_ids = torch.full((b, L), qformer_pad_id, dtype=torch.long)
-    q_mask = torch.zeros(b, L, dtype=torch.long)
-    for i, x in enumerate(batch):
-        t = x["semantic"].shape[0]
-        semantic[i, :t] = x["semantic"]
-        motion[i, :t] = x["spatiotemporal"]
-        frame_mask[i, :t] = True
-        ids = x["sample"].qformer_ids
-        q_ids[i, : len(ids)] = torch.tensor(ids)
-        q_mask[i, : len(ids)] = 1
-    samples = [x["sample"] for x in batch]
-    return {"semantic": semantic, "spatiotemporal": motion, "frame_mask": frame_mask, "qformer_ids": q_ids,
-            "qformer_mask": q_mask, "prefix_ids": [s.prefix_ids for s in samples],
-            "text_ids": [s.text_ids for s in samples], "text_labels": [s.text_labels for s in samples],
-            "samples": samples, "indices": [x["index"] for x in batch]}
 
 
 def count_frames(store, streams: Sequence[str]) -> dict[str, int]:

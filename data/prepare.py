@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dualfocus.train.data import DUALFOCUS_STREAMS, JoinReport, Tokenised
+from dualfocus.data.samples import JoinReport, Tokenised
 
 
 @dataclass
@@ -25,25 +25,37 @@ class Prepared:
 
 
 def prepare_samples(store_path: str, qa_path: str, model_dir: str, with_answers: bool,
-                    max_answer_tokens: int = 256, max_question_tokens: int = 64,
-                    streams: tuple[str, ...] = DUALFOCUS_STREAMS) -> Prepared:
-    """Open the store, check it has the ``streams`` and fits the model, read and join the QA file, tokenise
-    every sample (all before any model weights load).
+                    expected: dict[str, tuple[int, ...]] | None = None, max_answer_tokens: int = 256,
+                    max_question_tokens: int = 64, taps: dict[str, str] | None = None,
+                    extract_args=None) -> Prepared:
+    """Open the store, check it has the ``expected`` streams (``{stream: per-frame shape}``, what the connector
+    reads: ``expected_streams`` of its class; None = the default DualFocus streams) at those shapes, read and
+    join the QA file, tokenise every sample (all before any model weights load). ``taps``: ``{stream: tap}``
+    the connector needs a stream to hold (its ``expected_taps``), checked against the store's record;
+    ``extract_args(missing)``: what the message about missing streams tells the user to extract.
 
     The context-length check needs the frame cap and, at inference, the tokens to generate; callers run
-    ``train.checks.check_context_length`` on ``Prepared.samples`` with those.
+    ``connectors.limits.check_context_length`` on ``Prepared.samples`` with those.
     """
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.models import load_llm_tokenizer, load_qformer_tokenizer
     from dualfocus.pipeline.qa import read_eval_questions, read_training_qa
     from dualfocus.store import FeatureStore
-    from dualfocus.train.data import (check_store_matches_model, check_store_streams, count_frames, join_with_store,
-                                      tokenise)
-    from dualfocus.train.prompt import PromptBuilder
+    from dualfocus.connectors.prompt import PromptBuilder
+    from dualfocus.data.samples import (check_store_shapes, check_store_streams, check_store_taps, count_frames,
+                                        join_with_store, tokenise)
+    from dualfocus.pipeline.models import load_config
 
+    if expected is None:
+        from dualfocus.connectors.dualfocus import DualFocus, DualFocusConfig
+
+        expected = DualFocus.expected_streams(DualFocusConfig(), model_dir)
+    streams = tuple(expected)
     store = FeatureStore.open(store_path)
-    check_store_streams(store, streams, store_path, model_dir)
-    check_store_matches_model(store, model_dir, streams)
+    check_store_streams(store, streams, store_path, model_dir, extract_args)
+    check_store_shapes(store, expected, model_dir)
+    if taps:
+        check_store_taps(store, taps, load_config(model_dir).vision_config.num_hidden_layers, store_path)
     items = read_training_qa(qa_path) if with_answers else read_eval_questions(qa_path)
     kept, report = join_with_store(items, store, streams)
     if not kept:

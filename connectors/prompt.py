@@ -53,6 +53,11 @@ class PromptBuilder:
     def _encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
+    def question_ids(self, question: str, max_tokens: int) -> list[int]:
+        """The question on its own (no special tokens), cut at ``max_tokens``: what a connector that embeds the
+        question with the LLM's table reads (QA-ViT, LongVU's frame selection)."""
+        return self._encode(question.strip())[:max_tokens]
+
     def __call__(self, question: str, answer: str | None = None) -> PromptPieces:
         suffix_text = self._after.format(question=question.strip())
         suffix = self._encode(suffix_text)

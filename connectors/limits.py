@@ -35,16 +35,12 @@ class ModelLimits:
                    qformer_positions=cfg.qformer_config.max_position_embeddings, query_tokens=cfg.num_query_tokens)
 
 
-def connector_problems(limits: ModelLimits, ffp_heads: int, max_question_tokens: int | None = None) -> list[str]:
-    """What in the connector/data config cannot fit this model (empty when all fits)."""
-    problems = []
-    if ffp_heads < 1 or limits.llm_width % ffp_heads:
-        problems.append(f"connector.ffp_heads ({ffp_heads}) must divide the LLM width "
-                        f"({limits.llm_width}, text_config.hidden_size)")
-    if max_question_tokens is not None and max_question_tokens > limits.qformer_positions:
-        problems.append(f"data.max_question_tokens ({max_question_tokens}) exceeds the Q-Former's "
-                        f"{limits.qformer_positions} positions (qformer_config.max_position_embeddings)")
-    return problems
+def question_problems(limits: ModelLimits, max_question_tokens: int) -> list[str]:
+    """What in the data config cannot fit this model's Q-Former (empty when all fits)."""
+    if max_question_tokens > limits.qformer_positions:
+        return [f"data.max_question_tokens ({max_question_tokens}) exceeds the Q-Former's "
+                f"{limits.qformer_positions} positions (qformer_config.max_position_embeddings)"]
+    return []
 
 
 def sequence_length(sample, max_frames: int | None, query_tokens: int) -> tuple[int, int]:
@@ -54,21 +50,22 @@ def sequence_length(sample, max_frames: int | None, query_tokens: int) -> tuple[
 
 
 def check_context_length(samples: list, max_frames: int | None, limits: ModelLimits, new_tokens: int = 0,
-                         frames_key: str = "data.max_frames") -> None:
+                         frames_key: str = "data.max_frames", tokens_per_frame: int | None = None) -> None:
     """Refuse samples whose prompt + video tokens (+ ``new_tokens`` to generate) exceed the LLM's context.
 
     The message names the longest sample, the numbers, how many samples are too long and the largest
     ``frames_key`` that fits them all (or, when even one frame does not fit, that the text is too long).
     """
+    per_frame = tokens_per_frame or limits.query_tokens
     too_long = []  # (length, frames, text tokens, sample)
     for s in samples:
-        frames, length = sequence_length(s, max_frames, limits.query_tokens)
+        frames, length = sequence_length(s, max_frames, per_frame)
         if length + new_tokens > limits.llm_positions:
-            too_long.append((length + new_tokens, frames, length - frames * limits.query_tokens + new_tokens, s))
+            too_long.append((length + new_tokens, frames, length - frames * per_frame + new_tokens, s))
     if not too_long:
         return
     length, frames, text, worst = max(too_long, key=lambda x: x[0])
-    fitting = min((limits.llm_positions - t) // limits.query_tokens for _, _, t, _ in too_long)
+    fitting = min((limits.llm_positions - t) // per_frame for _, _, t, _ in too_long)
     generated = f" (incl. {new_tokens} to generate)" if new_tokens else ""
     advice = (f"set {frames_key} to at most {fitting}" if fitting >= 1 else
               f"even one frame does not fit next to {text} text tokens; shorten the answers or questions")
@@ -78,5 +75,5 @@ def check_context_length(samples: list, max_frames: int | None, limits: ModelLim
     raise UserError(
         f"{len(too_long)} of {len(samples)} samples exceed the LLM's context of {limits.llm_positions} tokens "
         f"(text_config.max_position_embeddings): {name} on video {worst.video_id} needs {frames} frames "
-        f"({frames_key}={cap}) x {limits.query_tokens} query tokens + {text} text tokens{generated} "
+        f"({frames_key}={cap}) x {per_frame} visual tokens + {text} text tokens{generated} "
         f"= {length}; {advice}")
