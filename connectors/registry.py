@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 CONNECTORS: dict[str, str] = {
     "dualfocus": "dualfocus.connectors.dualfocus:DualFocus",
     "dualfocus-qavit": "dualfocus.connectors.dualfocus:DualFocusQAViT",
+    "slowfast": "dualfocus.connectors.slowfast:SlowFast",
 }
 """name -> ``module:Class``. Add a system by adding its line (or ``register`` from outside the package)."""
 

@@ -65,6 +65,58 @@ def toy_store(tmp_path_factory, tiny_model, toy_corpus) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def streams_store(tmp_path_factory, toy_corpus, tiny_model) -> Path:
+    """The toy corpus in float32 with every stream the connectors read, from one `extract` run of the CLI (one
+    decode, three groups): eva (semantic, spatiotemporal), qavit (cut = hidden[1], QA-ViT's input: the tiny tower
+    has 3 blocks) and slowfast (grid = grid@8x8)."""
+    out = tmp_path_factory.mktemp("streams") / "store"
+    run_cli("extract", toy_corpus / "videos", "--out", out, "--model", tiny_model,
+            "--encoder", f"qavit={tiny_model}", "encoders.qavit.taps.cut=hidden[1]",
+            "--encoder", f"slowfast={tiny_model}", "encoders.slowfast.taps.grid=grid@8x8",
+            "store.dtype=float32", "--no-progress")
+    return out
+
+
+def connector_data(cfg, store: Path, qa: Path, model: Path, max_frames: int | None):
+    """(dataset, prepared samples, collate) of what the connector ``cfg`` reads from ``store``, checked as train
+    checks it (streams, shapes, taps)."""
+    import functools
+
+    from dualfocus.connectors.registry import connector_class
+    from dualfocus.data.batch import collate
+    from dualfocus.data.prepare import prepare_samples
+    from dualfocus.data.samples import FeatureQADataset
+
+    system = connector_class(cfg.name)
+    expected = system.expected_streams(cfg, str(model))
+    prepared = prepare_samples(str(store), str(qa), str(model), with_answers=True, expected=expected,
+                               taps=system.expected_taps(cfg, str(model)))
+    dataset = FeatureQADataset(str(store), prepared.samples, max_frames, tuple(expected))
+    return dataset, prepared, functools.partial(collate, qformer_pad_id=prepared.qformer_pad_id,
+                                                llm_pad_id=prepared.pad_token_id or 0)
+
+
+def generate_then_ask(store: Path, export: Path, corpus: Path, work: Path) -> list[dict]:
+    """``generate --greedy`` on two test questions of ``corpus``, then ``ask`` on the first one's video: both
+    through the CLI from ``export`` alone; asserts they agree and returns the predictions."""
+    import json
+
+    questions = json.loads((corpus / "test_q.json").read_text())[:2]
+    (work / "q.json").write_text(json.dumps(questions))
+    preds = work / "preds.jsonl"
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    run_cli("generate", store, work / "q.json", "--checkpoint", export, "--out", preds, "--greedy",
+            "sampling.max_new_tokens=3", "--no-progress", env=one_thread)
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [str(q["question_id"]) for q in questions]
+    video = corpus / "videos" / f"{rows[0]['video_id']}.mp4"
+    proc = run_cli("ask", video, rows[0]["question"], "--checkpoint", export, "--greedy", "sampling.max_new_tokens=3",
+                   env=one_thread)
+    assert proc.stdout.strip() == rows[0]["pred"].strip()
+    return rows
+
+
 @pytest.fixture
 def one_torch_thread():
     """Torch on one thread for the test: the tiny model's ops are too small to share between threads, and on

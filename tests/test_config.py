@@ -22,6 +22,7 @@ SHIPPED = {
     "extract_streams.yaml": ExtractConfig,
     "train_tiny.yaml": TrainConfig,
     "train_qavit_tiny.yaml": TrainConfig,
+    "train_slowfast_tiny.yaml": TrainConfig,
     "train_paper.yaml": TrainConfig,
     "generate.yaml": GenerateConfig,
     "score.yaml": ScoreConfig,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dualfocus.pipeline.errors import UserError
-from conftest import run_cli
+from conftest import connector_data, generate_then_ask, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,13 +21,10 @@ CUT = f"encoders.qavit.taps.cut=hidden[{START}]"
 
 
 @pytest.fixture(scope="module")
-def cut_store(tmp_path_factory, toy_corpus, tiny_model) -> Path:
-    """Both groups of the toy corpus in float32 from one extract run: eva (semantic, spatiotemporal) and qavit
-    (the cut entering block 1)."""
-    out = tmp_path_factory.mktemp("qavit") / "store"
-    run_cli("extract", str(toy_corpus / "videos"), "--out", str(out), "--model", str(tiny_model),
-            "--encoder", f"qavit={tiny_model}", CUT, "store.dtype=float32", "--no-progress")
-    return out
+def cut_store(streams_store) -> Path:
+    """The toy corpus in float32 with eva (semantic, spatiotemporal) and qavit (the cut entering block 1), among
+    other groups (conftest.py)."""
+    return streams_store
 
 
 def test_top_blocks_from_the_stored_cut_reproduce_the_stored_vision_output(cut_store, tiny_model):
@@ -50,19 +47,12 @@ def test_top_blocks_from_the_stored_cut_reproduce_the_stored_vision_output(cut_s
 
 @pytest.fixture(scope="module")
 def qavit_parts(cut_store, toy_corpus, tiny_model):
-    from dualfocus.connectors.dualfocus import DualFocusQAViT, DualFocusQAViTConfig
+    from dualfocus.connectors.dualfocus import DualFocusQAViTConfig
     from dualfocus.connectors.registry import build_video_llm
-    from dualfocus.data.batch import collate
-    from dualfocus.data.prepare import prepare_samples
-    from dualfocus.data.samples import FeatureQADataset
 
     cfg = DualFocusQAViTConfig(ffp_heads=2, gate_init=1.0)
-    expected = DualFocusQAViT.expected_streams(cfg, str(tiny_model))
-    prepared = prepare_samples(str(cut_store), str(toy_corpus / "train.json"), str(tiny_model), with_answers=True,
-                               expected=expected, taps=DualFocusQAViT.expected_taps(cfg, str(tiny_model)))
-    dataset = FeatureQADataset(str(cut_store), prepared.samples, 3, tuple(expected))
-    batch = collate([dataset[i] for i in range(3)], prepared.qformer_pad_id, prepared.pad_token_id or 0)
-    return build_video_llm(cfg, str(tiny_model), seed=0), batch
+    dataset, _, collate = connector_data(cfg, cut_store, toy_corpus / "train.json", tiny_model, 3)
+    return build_video_llm(cfg, str(tiny_model), seed=0), collate([dataset[i] for i in range(3)])
 
 
 def test_gradients_reach_the_adapters_qformer_and_ffp_only(qavit_parts):
@@ -133,14 +123,4 @@ def test_default_precision_cli_train_then_generate_and_ask(cut_store, toy_corpus
     assert (meta["connector"], meta["llm_dtype"], meta["streams"]) == ("dualfocus-qavit", "bfloat16",
                                                                        ["cut", "spatiotemporal"])
     assert meta["connector_config"]["question_tokens"] == 32 and meta["connector_config"]["start_block"] is None
-    questions = json.loads((toy_corpus / "test_q.json").read_text())[:2]
-    (tmp_path / "q.json").write_text(json.dumps(questions))
-    preds = tmp_path / "preds.jsonl"
-    run_cli("generate", str(store), str(tmp_path / "q.json"), "--checkpoint", str(run / "final"), "--out", str(preds),
-            "--greedy", "sampling.max_new_tokens=3", "--no-progress", env={"OMP_NUM_THREADS": "1"})
-    rows = [json.loads(line) for line in preds.read_text().splitlines()]
-    assert [r["question_id"] for r in rows] == [str(q["question_id"]) for q in questions]
-    video = toy_corpus / "videos" / f"{rows[0]['video_id']}.mp4"
-    proc = run_cli("ask", str(video), rows[0]["question"], "--checkpoint", str(run / "final"), "--greedy",
-                   "sampling.max_new_tokens=3", env={"OMP_NUM_THREADS": "1"})
-    assert proc.stdout.strip() == rows[0]["pred"].strip()
+    generate_then_ask(store, run / "final", toy_corpus, tmp_path)
