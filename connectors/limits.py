@@ -45,7 +45,8 @@ def question_problems(limits: ModelLimits, max_question_tokens: int) -> list[str
 
 def sequence_length(sample, max_frames: int | None, query_tokens: int) -> tuple[int, int]:
     """(frames after the cap, LLM sequence length) of one tokenised sample: prefix + t·q + question/answer."""
-    frames = len(uniform_indices(sample.n_frames, max_frames))
+    planned = getattr(sample, "frames", None)
+    frames = len(uniform_indices(sample.n_frames if planned is None else len(planned), max_frames))
     return frames, len(sample.prefix_ids) + frames * query_tokens + len(sample.text_ids)
 
 
@@ -56,7 +57,7 @@ def check_context_length(samples: list, max_frames: int | None, limits: ModelLim
     The message names the longest sample, the numbers, how many samples are too long and the largest
     ``frames_key`` that fits them all (or, when even one frame does not fit, that the text is too long).
     """
-    per_frame = tokens_per_frame or limits.query_tokens
+    per_frame = limits.query_tokens if tokens_per_frame is None else tokens_per_frame
     too_long = []  # (length, frames, text tokens, sample)
     for s in samples:
         frames, length = sequence_length(s, max_frames, per_frame)
@@ -65,7 +66,7 @@ def check_context_length(samples: list, max_frames: int | None, limits: ModelLim
     if not too_long:
         return
     length, frames, text, worst = max(too_long, key=lambda x: x[0])
-    fitting = min((limits.llm_positions - t) // per_frame for _, _, t, _ in too_long)
+    fitting = min((limits.llm_positions - t) // max(per_frame, 1) for _, _, t, _ in too_long)
     generated = f" (incl. {new_tokens} to generate)" if new_tokens else ""
     advice = (f"set {frames_key} to at most {fitting}" if fitting >= 1 else
               f"even one frame does not fit next to {text} text tokens; shorten the answers or questions")

@@ -7,6 +7,8 @@ Each entry points at a ``Connector`` subclass (imported only when asked for) tha
     tokens_per_frame(cfg, model_dir)  visual tokens per frame in the LLM sequence (the context check)
     model_problems(cfg, model_dir)    what in ``cfg`` cannot fit the model (before the LLM loads)
     extract_args(cfg, model_dir, missing)   ``dualfocus extract`` arguments that add the missing streams
+    plan_frames(cfg, model_dir, read, samples)   optional: which stored frames each sample reads (computed once,
+                                      before training; ``read(video_id, streams)`` -> that video's arrays)
     build(cfg, model_dir, seed)       the connector, new modules initialised from ``seed``
 """
 
@@ -62,6 +64,15 @@ class ConnectorConfig:
             return connector_class(str(name)).config_class
         except ValueError as e:
             raise ValueError(f"name: {e}") from None
+
+
+def frame_planner(system, cfg: ConnectorConfig, model_dir: str):
+    """``plan_frames(read, samples)`` of a connector class that chooses stored frames itself (``plan_frames``
+    static, e.g. LongVU's redundancy drop), bound to its config and model; None for the others."""
+    import functools
+
+    plan = getattr(system, "plan_frames", None)
+    return None if plan is None else functools.partial(plan, cfg, model_dir)
 
 
 def build_video_llm(cfg: ConnectorConfig, model_dir: str, llm_dtype: str = "float32", seed: int = 0,

@@ -5,7 +5,7 @@ Shared by training (questions with answers) and generation (questions only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dualfocus.data.samples import JoinReport, Tokenised
 
@@ -27,12 +27,14 @@ class Prepared:
 def prepare_samples(store_path: str, qa_path: str, model_dir: str, with_answers: bool,
                     expected: dict[str, tuple[int, ...]] | None = None, max_answer_tokens: int = 256,
                     max_question_tokens: int = 64, taps: dict[str, str] | None = None,
-                    extract_args=None) -> Prepared:
+                    extract_args=None, plan_frames=None) -> Prepared:
     """Open the store, check it has the ``expected`` streams (``{stream: per-frame shape}``, what the connector
     reads: ``expected_streams`` of its class; None = the default DualFocus streams) at those shapes, read and
     join the QA file, tokenise every sample (all before any model weights load). ``taps``: ``{stream: tap}``
     the connector needs a stream to hold (its ``expected_taps``), checked against the store's record;
     ``extract_args(missing)``: what the message about missing streams tells the user to extract.
+    ``plan_frames(read, samples) -> [frames or None per sample]``: the connector's choice of stored frames (read
+    once here, before any training: ``read(video_id, streams)`` gives a video's whole streams).
 
     The context-length check needs the frame cap and, at inference, the tokens to generate; callers run
     ``connectors.limits.check_context_length`` on ``Prepared.samples`` with those.
@@ -67,6 +69,10 @@ def prepare_samples(store_path: str, qa_path: str, model_dir: str, with_answers:
     prompt = PromptBuilder(llm_tok, max_answer_tokens=max_answer_tokens)
     samples = tokenise(kept, count_frames(store, streams), prompt, q_tok, with_answers=with_answers,
                        max_question_tokens=max_question_tokens)
+    if plan_frames is not None:
+        plans = plan_frames(lambda video, wanted: store.read(video, streams=wanted), samples)
+        samples = [s if plan is None else replace(s, frames=tuple(int(f) for f in plan))
+                   for s, plan in zip(samples, plans)]
     store_info = {"fingerprint": store.fingerprint(streams), "streams": list(streams)}
     return Prepared(samples=samples, report=report, store_info=store_info,
                     qformer_pad_id=q_tok.pad_token_id or 0, eos_token_id=llm_tok.eos_token_id,

@@ -128,6 +128,18 @@ class Tokenised:
     question: str = ""
     question_ids: list[int] = field(default_factory=list)
     """The question alone in the LLM's tokenizer (no special tokens), for connectors that embed it."""
+    frames: tuple[int, ...] | None = None
+    """Stored frames to read, when the connector plans them (``plan_frames``, e.g. LongVU's redundancy drop);
+    None = every stored frame. ``max_frames`` subsamples either uniformly."""
+
+
+def frames_to_read(sample: Tokenised, max_frames: int | None) -> np.ndarray:
+    """Indices of the stored frames a sample reads: its planned frames (or all), at most ``max_frames`` of them
+    spread uniformly."""
+    if sample.frames is None:
+        return uniform_indices(sample.n_frames, max_frames)
+    planned = np.asarray(sample.frames, dtype=np.int64)
+    return planned[uniform_indices(len(planned), max_frames)]
 
 
 class FeatureQADataset(torch.utils.data.Dataset):
@@ -150,7 +162,7 @@ class FeatureQADataset(torch.utils.data.Dataset):
         if self._store is None:
             self._store = FeatureStore.open(self.store_path)
         s = self.samples[i]
-        feats = self._store.read(s.video_id, uniform_indices(s.n_frames, self.max_frames), streams=self.streams)
+        feats = self._store.read(s.video_id, frames_to_read(s, self.max_frames), streams=self.streams)
         # each stream [t, ...] (e.g. DualFocus: semantic [t, P, d_v], spatiotemporal [t, M, d_v])
         out = {name: torch.from_numpy(np.asarray(feats[name], dtype=np.float32)) for name in self.streams}
         return {**out, "sample": s, "index": i}

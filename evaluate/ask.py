@@ -9,7 +9,7 @@ greedy decoding, gives the same answer for the same video and question.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -141,13 +141,13 @@ def run_ask(video: str, question: str, cfg: AskConfig) -> str:
     from dualfocus.connectors.limits import ModelLimits, check_context_length
     from dualfocus.connectors.prompt import PromptBuilder
     from dualfocus.data.batch import collate
-    from dualfocus.data.samples import tokenise
+    from dualfocus.connectors.registry import connector_class, frame_planner
+    from dualfocus.data.samples import frames_to_read, tokenise
     from dualfocus.evaluate.predictor import Predictor, check_export_matches, expected_taps, inference_dtype
     from dualfocus.pipeline.devices import resolve_device
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.models import load_llm_tokenizer, load_qformer_tokenizer
     from dualfocus.pipeline.qa import QAItem
-    from dualfocus.pipeline.sampling import uniform_indices
 
     meta, _ = read_export(cfg.checkpoint)
     model_dir = check_export_matches(meta, cfg.model, None, cfg.checkpoint)
@@ -164,13 +164,19 @@ def run_ask(video: str, question: str, cfg: AskConfig) -> str:
         features.update(video_features(video, model_dir, settings[group], cfg.device, cfg.decode_timeout_s,
                                        {stream: taps[stream] for stream in streams}))
     frames = min(len(f) for f in features.values())
-    keep = uniform_indices(frames, meta.max_frames)
     q_tok = load_qformer_tokenizer(model_dir)
     llm_tok = load_llm_tokenizer(model_dir)
     item = QAItem(video_id=video, question=question, question_id="ask")
-    (sample,) = tokenise([item], {video: len(keep)}, PromptBuilder(llm_tok), q_tok, with_answers=False,
+    (sample,) = tokenise([item], {video: frames}, PromptBuilder(llm_tok), q_tok, with_answers=False,
                          max_question_tokens=meta.max_question_tokens)
-    check_context_length([sample], None, ModelLimits.of(model_dir), frames_key="the checkpoint's max_frames")
+    system, connector_cfg = connector_class(meta.connector), meta.connector_config_object()
+    planner = frame_planner(system, connector_cfg, model_dir)  # as generate plans them from the store
+    if planner is not None:
+        (plan,) = planner(lambda _, wanted: {s: features[s] for s in wanted}, [sample])
+        sample = replace(sample, frames=None if plan is None else tuple(int(f) for f in plan))
+    keep = frames_to_read(sample, meta.max_frames)
+    check_context_length([sample], meta.max_frames, ModelLimits.of(model_dir), frames_key="the checkpoint's max_frames",
+                         tokens_per_frame=system.tokens_per_frame(connector_cfg, model_dir))
     item_features = {stream: torch.from_numpy(f[keep]) for stream, f in features.items()}
     batch = collate([{**item_features, "sample": sample, "index": 0}], q_tok.pad_token_id or 0,
                     llm_tok.pad_token_id or 0)

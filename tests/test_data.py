@@ -181,3 +181,31 @@ def test_dataloader_with_a_worker_gives_the_same_batches(prepared, toy_store):
             assert a.streams[key].equal(b.streams[key])
         for key in ("frame_mask", "qformer_ids", "qformer_mask", "question_ids", "question_mask"):
             assert getattr(a, key).equal(getattr(b, key))
+
+
+def test_frames_planned_by_the_connector_are_the_frames_read(toy_store, toy_corpus, tiny_model):
+    """A connector's plan_frames (LongVU drops redundant frames) runs once at prepare time; the dataset then
+    reads exactly those stored frames, and max_frames subsamples them uniformly."""
+    from dualfocus.data.prepare import prepare_samples
+    from dualfocus.store import FeatureStore
+
+    calls = []
+
+    def plan(read, samples):
+        calls.append(len(samples))
+        assert read(samples[0].video_id, ["semantic"])["semantic"].shape[0] == samples[0].n_frames
+        return [tuple(range(0, s.n_frames, 2)) if i % 2 == 0 else None for i, s in enumerate(samples)]
+
+    prepared = prepare_samples(str(toy_store), str(toy_corpus / "train.json"), str(tiny_model), with_answers=True,
+                               plan_frames=plan)
+    assert calls == [len(prepared.samples)]
+    store = FeatureStore.open(toy_store)
+    for max_frames in (None, 2):
+        dataset = FeatureQADataset(str(toy_store), prepared.samples, max_frames=max_frames)
+        for i in (0, 1):
+            s = prepared.samples[i]
+            planned = np.arange(0, s.n_frames, 2) if i == 0 else np.arange(s.n_frames)
+            want = planned[subsample_indices(len(planned), max_frames)]
+            assert (s.frames is None) == (i == 1)
+            np.testing.assert_array_equal(dataset[i]["semantic"].numpy(),
+                                          store.read(s.video_id, want)["semantic"].astype(np.float32))

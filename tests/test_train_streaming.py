@@ -273,3 +273,20 @@ def test_cli_trains_on_a_webdataset_store_by_streaming_and_resumes_exactly(toy_c
     assert [m["step"] for m in m_split] == list(range(1, 7))
     assert [(m["loss"], m["lr"], m["epoch"]) for m in m_split] == [(m["loss"], m["lr"], m["epoch"]) for m in m_whole]
     assert [m["epoch"] for m in m_whole] == [0, 0, 0, 1, 1, 1]
+
+
+def test_planned_frames_stream_as_they_index(wds_store, samples):
+    """Samples whose connector planned their frames (some videos, other frame sets for the same video) read the
+    same features streamed as indexed."""
+    from dataclasses import replace
+
+    planned = [replace(s, frames=tuple(range(0, s.n_frames, 2))) if i % 3 == 0 else s for i, s in enumerate(samples)]
+    indexed = FeatureQADataset(str(wds_store), planned, MAX_FRAMES)
+    data = streaming(wds_store, planned)
+    batches = take(data, (0, 0), data.batches_per_epoch)
+    assert sorted(x["index"] for b in batches for x in b) == list(range(len(planned)))
+    for item in (x for b in batches for x in b):
+        want = indexed[item["index"]]
+        assert all(torch.equal(item[name], want[name]) for name in ("semantic", "spatiotemporal"))
+    assert any(indexed[i]["semantic"].shape[0] != FeatureQADataset(str(wds_store), samples, MAX_FRAMES)[i]["semantic"]
+               .shape[0] for i in range(0, len(samples), 3))

@@ -179,7 +179,7 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     from dualfocus.pipeline.progress import step_progress
     from dualfocus.connectors.export import write_export
     from dualfocus.connectors.limits import ModelLimits, check_context_length, question_problems
-    from dualfocus.connectors.registry import build_video_llm, connector_class
+    from dualfocus.connectors.registry import build_video_llm, connector_class, frame_planner
     from dualfocus.data.batch import collate
     from dualfocus.data.prepare import prepare_samples
     from dualfocus.data.samples import FeatureQADataset
@@ -203,8 +203,9 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
                                max_answer_tokens=cfg.data.max_answer_tokens,
                                max_question_tokens=cfg.data.max_question_tokens,
                                taps=system.expected_taps(cfg.connector, cfg.model),
-                               extract_args=functools.partial(system.extract_args, cfg.connector, cfg.model))
-    check_context_length(prepared.samples, cfg.data.max_frames, limits,
+                               extract_args=functools.partial(system.extract_args, cfg.connector, cfg.model),
+                               plan_frames=frame_planner(system, cfg.connector, cfg.model))
+    check_context_length(prepared.samples, cfg.data.max_frames, limits,  # planned frames counted where planned
                          tokens_per_frame=system.tokens_per_frame(cfg.connector, cfg.model))
     streaming = wants_streaming(cfg.data.streaming, cfg.store, prepared.store_info["streams"])
     rank, world = init_distributed()

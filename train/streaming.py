@@ -30,9 +30,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from dualfocus.pipeline.sampling import uniform_indices
 from dualfocus.connectors.dualfocus import DUALFOCUS_STREAMS
-from dualfocus.data.samples import Tokenised
+from dualfocus.data.samples import Tokenised, frames_to_read
 
 SHUFFLE_BUFFER = 16
 """Samples the in-shard shuffle buffer holds. Small, because a worker keeps the features of the samples it
@@ -171,9 +170,9 @@ class StreamingQADataset(torch.utils.data.IterableDataset):
                 u = unit(i)
                 queue = ahead[self._place[u[0]][0]]
                 while u not in held:
-                    video, n_frames = queue.popleft()
-                    held[(video, n_frames)] = self._store.read(video, uniform_indices(n_frames, self.max_frames),
-                                                               streams=self.streams)
+                    video, frames = queue.popleft()
+                    held[(video, frames)] = self._store.read(video, np.asarray(frames, dtype=np.int64),
+                                                             streams=self.streams)
                 feats = held[u]
                 uses[u] -= 1
                 if uses[u] == 0:
@@ -183,10 +182,10 @@ class StreamingQADataset(torch.utils.data.IterableDataset):
                 items.append({**out, "sample": self.samples[i], "index": i})
             yield items
 
-    def _unit(self, i: int) -> tuple[str, int]:
-        """What one read fetches: a video at a frame count (the samples of a video share it)."""
+    def _unit(self, i: int) -> tuple[str, tuple[int, ...]]:
+        """What one read fetches: a video's frames to read (the samples of a video usually share them)."""
         s = self.samples[i]
-        return s.video_id, s.n_frames
+        return s.video_id, tuple(int(f) for f in frames_to_read(s, self.max_frames))
 
     def __getstate__(self) -> dict:  # workers open their own store
         return {**self.__dict__, "_store": None}
