@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PAIRS = "0:0,1:1,2:2"
 TYPES = ("color", "shape", "direction")
+TINY_ENCODERS = {"SIGLIP_DIR": "siglip", "DINO_DIR": "dinov2"}  # extract_args placeholder -> init-tiny --family
 
 
 def dualfocus(*args, cwd: Path) -> float:
@@ -69,7 +70,15 @@ def extract_args(config: str, model: Path) -> list[str]:
     cfg = load_config(TrainConfig, config, values={"store": "-", "annotations": "-", "model": str(model), "out": "-"})
     system = connector_class(cfg.connector.name)
     streams = list(system.expected_streams(cfg.connector, str(model)))
-    return shlex.split(system.extract_args(cfg.connector, str(model), streams))
+    args = shlex.split(system.extract_args(cfg.connector, str(model), streams))
+    # Encoders other than the base model are the user's (LongVU: SIGLIP_DIR, DINO_DIR): tiny random ones here.
+    for placeholder, family in TINY_ENCODERS.items():
+        if any(placeholder in a for a in args):
+            encoder = model.parent / f"tiny-{family}"
+            if not (encoder / "config.json").is_file():
+                dualfocus("init-tiny", encoder, "--family", family, cwd=model.parent)
+            args = [a.replace(placeholder, str(encoder)) for a in args]
+    return args
 
 
 def run_pair(work: Path, model: Path, corpus_seed: int, train_seed: int, args) -> dict:

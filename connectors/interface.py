@@ -87,6 +87,18 @@ class VisualTokens:
     layer_inputs: Any = None
 
 
+def pad_rows(rows: list[torch.Tensor], width: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample token lists ``[m_i, width]`` -> ``[b, max m_i, width]`` zero-padded (``like``'s dtype and device)
+    and the mask ``[b, max m_i]`` bool, True at real tokens: the layout ``VisualTokens`` wants."""
+    m = max([r.shape[0] for r in rows] + [0])
+    out = like.new_zeros(len(rows), m, width)
+    mask = torch.zeros(len(rows), m, dtype=torch.bool, device=like.device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return out, mask
+
+
 class Connector(nn.Module):
     """Base of every connector. A subclass sets ``name`` and ``config_class``, implements ``streams`` and
     ``visual_tokens``, and the static builders the registry lists (``registry.py``).

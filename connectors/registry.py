@@ -25,6 +25,8 @@ CONNECTORS: dict[str, str] = {
     "dualfocus": "dualfocus.connectors.dualfocus:DualFocus",
     "dualfocus-qavit": "dualfocus.connectors.dualfocus:DualFocusQAViT",
     "slowfast": "dualfocus.connectors.slowfast:SlowFast",
+    "longvu": "dualfocus.connectors.longvu:LongVU",
+    "videopanda": "dualfocus.connectors.videopanda:VideoPanda",
 }
 """name -> ``module:Class``. Add a system by adding its line (or ``register`` from outside the package)."""
 

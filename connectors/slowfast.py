@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dualfocus.connectors.interface import Batch, Connector, VisualTokens
+from dualfocus.connectors.interface import Batch, Connector, VisualTokens, pad_rows
 from dualfocus.connectors.registry import ConnectorConfig
 
 
@@ -89,17 +89,6 @@ def fast_frames(x: torch.Tensor, temporal_stride: int, sampling_stride: int = 1,
     return F.adaptive_avg_pool1d(flat, target).reshape(*x.shape[1:], target).permute(2, 0, 1)
 
 
-def _pad(rows: list[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample ``[n_i, d]`` -> ``[b, max n_i, d]`` zero-padded and its mask ``[b, max n_i]``."""
-    n = max(r.shape[0] for r in rows)
-    out = like.new_zeros(len(rows), n, like.shape[-1])
-    mask = torch.zeros(len(rows), n, dtype=torch.bool, device=like.device)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = True
-    return out, mask
-
-
 class SlowFast(Connector):
     """visual_tokens: ``streams[grid] [b, T, h·w, d_v]`` -> fast tokens ``[b, t_f·p, d]`` in the sequence, and
     ``layer_inputs = (slow [b, m, d], slow_mask [b, m])`` for the hybrid layers added by ``attach``."""
@@ -132,8 +121,8 @@ class SlowFast(Connector):
                 for x in per_sample]
         slow = [x.flatten(0, 1) for x in per_sample]
         like = per_sample[0]
-        embeds, mask = _pad(fast, like)
-        slow_tokens, slow_mask = _pad(slow, like)
+        embeds, mask = pad_rows(fast, like.shape[-1], like)
+        slow_tokens, slow_mask = pad_rows(slow, like.shape[-1], like)
         return VisualTokens(embeds, mask, layer_inputs=(slow_tokens, slow_mask))
 
     # ------------------------------------------------------------------ inside the LLM

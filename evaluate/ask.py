@@ -72,11 +72,7 @@ def frame_settings(fingerprint: dict, export_path, group: str | None = None) -> 
     from dualfocus.store.dtypes import FEATURE_DTYPES
 
     where = Path(export_path) / "dualfocus.json"
-    fp = fingerprint if isinstance(fingerprint, dict) else {}
-    if group is not None:
-        fp = {**{k: v for k, v in fp.items() if "." not in k},
-              **{k[len(group) + 1:]: v for k, v in fp.items() if k.startswith(group + ".")}}
-    fp = {**LEGACY_FINGERPRINT, **fp}
+    fp = {**LEGACY_FINGERPRINT, **group_of(fingerprint if isinstance(fingerprint, dict) else {}, group)}
     key = f"store_fingerprint.{group}." if group else "store_fingerprint."
     missing = [k for k in ("fps", "max_frames", "image_size", "dtype") if k not in fp]
     if missing:
@@ -90,10 +86,25 @@ def frame_settings(fingerprint: dict, export_path, group: str | None = None) -> 
                          storage_dtype=fp["dtype"])
 
 
+def encoder_dir(fingerprint: dict, model_dir: str, base_hash: str, export_path) -> str:
+    """The encoder a group was extracted with: the base model when the group's config hash is the base model's
+    (the DualFocus groups), else the directory its fingerprint records (LongVU's SigLIP and DINOv2)."""
+    from dualfocus.pipeline.errors import UserError
+
+    recorded = fingerprint.get("model")
+    if recorded is None or fingerprint.get("config_hash") == base_hash:
+        return model_dir
+    if not Path(recorded).exists():
+        raise UserError(f"{Path(export_path) / 'dualfocus.json'}: the encoder this export's features came from is "
+                        f"not at {recorded} (store_fingerprint ... model)")
+    return recorded
+
+
 def stream_groups(fingerprint: dict, streams: list[str]) -> dict[str | None, list[str]]:
     """Which group of the fingerprint holds each stream: ``{None: streams}`` for a one-group fingerprint, else
-    ``{group: [streams]}`` (a group's ``taps`` record names its streams; the DualFocus default group, whose
-    fingerprint predates that record, holds ``semantic`` and ``spatiotemporal``)."""
+    ``{group: [streams]}`` (a group's ``taps`` record names its streams; a pixels group holds ``frames`` and
+    ``box``; the DualFocus default group, whose fingerprint predates that record, holds ``semantic`` and
+    ``spatiotemporal``)."""
     groups = sorted({k.split(".", 1)[0] for k in fingerprint if "." in k})
     if not groups:
         return {None: list(streams)}
@@ -102,6 +113,7 @@ def stream_groups(fingerprint: dict, streams: list[str]) -> dict[str | None, lis
         group, _, tap = stream.rpartition(".")
         if not group:
             group = next((g for g in groups if tap in (fingerprint.get(f"{g}.taps") or {})), None) or next(
+                (g for g in groups if fingerprint.get(f"{g}.kind") == "pixels" and tap in ("frames", "box")), None) or next(
                 (g for g in groups if f"{g}.taps" not in fingerprint and tap in ("semantic", "spatiotemporal")), None)
         out.setdefault(group, []).append(stream)
     return out
@@ -133,6 +145,37 @@ def video_features(video: str, model_dir: str, settings: FrameSettings, device: 
     return {stream: round_trip(result[f"ask/{names[stream]}"], settings.storage_dtype) for stream in taps}
 
 
+def video_pixels(video: str, fingerprint: dict, timeout_s: float, taps: dict[str, str]) -> dict[str, np.ndarray]:
+    """``{stream: array}`` of one video for a pixels group (``fingerprint``: its keys, sampling included): the
+    decoded uint8 frames ``[t, L, L, 3]`` (tap ``pixels``) and their valid boxes ``[t, 2]`` (tap ``box``), as the
+    store holds them."""
+    from dualfocus.extract.config import DecodeConfig
+    from dualfocus.extract.resize import FrameViews
+    from dualfocus.extract.stages import DecodeStage
+    from dualfocus.pipeline.errors import UserError
+
+    fp = {**LEGACY_FINGERPRINT, **fingerprint}
+    decode = DecodeStage(fps=fp["fps"], max_frames=fp["max_frames"], size=FrameViews(square=None,
+                         long_side=fp["long_side"]), chunk_frames=DecodeConfig().chunk_frames,
+                         backend=fp["decode_backend"], timeout_s=timeout_s)
+    try:
+        rows = list(decode({"video_id": video, "path": video}))
+    finally:
+        decode.close()
+    if rows and rows[-1]["error"]:
+        raise UserError(f"cannot read video {video}: {rows[-1]['error']}")
+    arrays = {"pixels": np.concatenate([r["pixels"] for r in rows]), "box": np.concatenate([r["box"] for r in rows])}
+    return {stream: arrays[tap] for stream, tap in taps.items()}
+
+
+def group_of(fingerprint: dict, group: str | None) -> dict:
+    """A group's fingerprint keys (``group.key`` prefix removed) plus the store's sampling keys."""
+    if group is None:
+        return dict(fingerprint)
+    return {**{k: v for k, v in fingerprint.items() if "." not in k},
+            **{k[len(group) + 1:]: v for k, v in fingerprint.items() if k.startswith(group + ".")}}
+
+
 def run_ask(video: str, question: str, cfg: AskConfig) -> str:
     """The connector's answer to ``question`` about ``video``."""
     import torch
@@ -155,14 +198,22 @@ def run_ask(video: str, question: str, cfg: AskConfig) -> str:
     if None in groups and len(groups) > 1:
         raise UserError(f"{Path(cfg.checkpoint) / 'dualfocus.json'}: cannot tell which group of store_fingerprint "
                         f"holds {', '.join(groups[None])}")
-    settings = {group: frame_settings(meta.store_fingerprint, cfg.checkpoint, group) for group in groups}
+    fingerprints = {group: group_of(meta.store_fingerprint, group) for group in groups}
+    settings = {group: frame_settings(meta.store_fingerprint, cfg.checkpoint, group) for group in groups
+                if fingerprints[group].get("kind") != "pixels"}
+    encoders = {group: encoder_dir(fingerprints[group], model_dir, meta.base_model_hash, cfg.checkpoint)
+                for group in settings}
     resolve_device(cfg.device)                      # settings that cannot run fail before the video is decoded
     inference_dtype(meta, cfg.llm_dtype, cfg.checkpoint)
-    taps = expected_taps(meta, model_dir, cfg.checkpoint)  # the cuts of the base model's tower each stream is
+    taps = expected_taps(meta, model_dir, cfg.checkpoint)  # the cut of its encoder each stream is
     features = {}
     for group, streams in groups.items():
-        features.update(video_features(video, model_dir, settings[group], cfg.device, cfg.decode_timeout_s,
-                                       {stream: taps[stream] for stream in streams}))
+        wanted = {stream: taps[stream] for stream in streams}
+        if group in settings:
+            features.update(video_features(video, encoders[group], settings[group], cfg.device, cfg.decode_timeout_s,
+                                           wanted))
+        else:
+            features.update(video_pixels(video, fingerprints[group], cfg.decode_timeout_s, wanted))
     frames = min(len(f) for f in features.values())
     q_tok = load_qformer_tokenizer(model_dir)
     llm_tok = load_llm_tokenizer(model_dir)

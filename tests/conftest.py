@@ -66,15 +66,27 @@ def toy_store(tmp_path_factory, tiny_model, toy_corpus) -> Path:
 
 
 @pytest.fixture(scope="session")
-def streams_store(tmp_path_factory, toy_corpus, tiny_model) -> Path:
-    """The toy corpus in float32 with every stream the connectors read, from one `extract` run of the CLI (one
-    decode, three groups): eva (semantic, spatiotemporal), qavit (cut = hidden[1], QA-ViT's input: the tiny tower
-    has 3 blocks) and slowfast (grid = grid@8x8)."""
+def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random SigLIP and DINOv2 towers (what `init-tiny --family` writes), for LongVU's two groups."""
+    from dualfocus.encoders.tiny import write_tiny_encoder
+
+    root = tmp_path_factory.mktemp("encoders")
+    return {family: write_tiny_encoder(root / family, family) for family in ("siglip", "dinov2")}
+
+
+@pytest.fixture(scope="session")
+def streams_store(tmp_path_factory, toy_corpus, tiny_model, tiny_encoders) -> Path:
+    """The toy corpus with every stream the connectors read, from one `extract` run of the CLI (one decode, six
+    groups; encoder groups in float32): eva (semantic, spatiotemporal), qavit (cut = hidden[1], QA-ViT's input: the
+    tiny tower has 3 blocks), slowfast (grid = grid@8x8), siglip and dino (grid = grid@8x8, LongVU's) and pixels
+    (112 px frames and boxes, Video-Panda's)."""
     out = tmp_path_factory.mktemp("streams") / "store"
     run_cli("extract", toy_corpus / "videos", "--out", out, "--model", tiny_model,
             "--encoder", f"qavit={tiny_model}", "encoders.qavit.taps.cut=hidden[1]",
             "--encoder", f"slowfast={tiny_model}", "encoders.slowfast.taps.grid=grid@8x8",
-            "store.dtype=float32", "--no-progress")
+            "--encoder", f"siglip={tiny_encoders['siglip']}", "encoders.siglip.taps.grid=grid@8x8",
+            "--encoder", f"dino={tiny_encoders['dinov2']}", "encoders.dino.taps.grid=grid@8x8",
+            "--pixels", "112", "store.dtype=float32", "--no-progress")
     return out
 
 

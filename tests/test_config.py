@@ -23,6 +23,8 @@ SHIPPED = {
     "train_tiny.yaml": TrainConfig,
     "train_qavit_tiny.yaml": TrainConfig,
     "train_slowfast_tiny.yaml": TrainConfig,
+    "train_longvu_tiny.yaml": TrainConfig,
+    "train_videopanda_tiny.yaml": TrainConfig,
     "train_paper.yaml": TrainConfig,
     "generate.yaml": GenerateConfig,
     "score.yaml": ScoreConfig,

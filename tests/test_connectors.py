@@ -231,7 +231,7 @@ def test_the_connector_name_picks_the_config_dataclass():
 def test_unknown_connector_and_keys_of_another_connector_are_named():
     with pytest.raises(ConfigError) as err:
         load_config(TrainConfig, values=REQUIRED, overrides=["connector.name=slowfst"])
-    assert str(err.value).startswith("connector.name: unknown connector 'slowfst'; known: dualfocus, dualfocus-qavit, slowfast")
+    assert str(err.value).startswith("connector.name: unknown connector 'slowfst'; known: dualfocus, dualfocus-qavit, slowfast, longvu, videopanda")
     with pytest.raises(ConfigError, match="unknown config key 'connector.question_tokens'"):
         load_config(TrainConfig, values=REQUIRED, overrides=["connector.question_tokens=16"])  # a QA-ViT key
     with pytest.raises(ConfigError, match="connector.question_tokens must be >= 1, got 0"):

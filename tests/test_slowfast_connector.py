@@ -30,7 +30,7 @@ def parts(grid_store, toy_corpus, tiny_model):
     from dualfocus.connectors.registry import build_video_llm
     from dualfocus.connectors.slowfast import SlowFastConfig
 
-    cfg = SlowFastConfig(grid_size=8, min_fast_frames=4)
+    cfg = SlowFastConfig(grid_stream="slowfast.grid", grid_size=8, min_fast_frames=4)
     dataset, prepared, collate = connector_data(cfg, grid_store, toy_corpus / "train.json", tiny_model, 8)
     lengths = [s.n_frames for s in prepared.samples]
     picks = [lengths.index(n) for n in sorted(set(lengths))][:3]
@@ -122,9 +122,10 @@ def test_default_precision_cli_train_then_generate_and_ask(grid_store, toy_corpu
     shutil.copytree(grid_store, store)
     run = tmp_path / "run"
     run_cli("train", str(store), str(toy_corpus / "train.json"), "--model", str(tiny_model), "--out", str(run),
-            "--connector", "slowfast", "connector.grid_size=8", "connector.min_fast_frames=4", "max_steps=2",
+            "--connector", "slowfast", "connector.grid_stream=slowfast.grid", "connector.grid_size=8",
+            "connector.min_fast_frames=4", "max_steps=2",
             "save_every=2", "data.batch_size=2", "data.max_frames=4", "data.num_workers=0", "--no-progress",
             env={"OMP_NUM_THREADS": "1"})
     meta = json.loads((run / "final" / "dualfocus.json").read_text())
-    assert (meta["connector"], meta["llm_dtype"], meta["streams"]) == ("slowfast", "bfloat16", ["grid"])
+    assert (meta["connector"], meta["llm_dtype"], meta["streams"]) == ("slowfast", "bfloat16", ["slowfast.grid"])
     generate_then_ask(store, run / "final", toy_corpus, tmp_path)
