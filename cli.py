@@ -76,11 +76,21 @@ def init_tiny(out_dir: Path = typer.Argument(..., help="Directory to write the t
 @friendly_errors
 def toy_corpus(out_dir: Path = typer.Argument(..., help="Directory for videos/, train.json, test_q.json, test_a.json."),
                videos: int = typer.Option(200, "--videos", "-n", help="Number of clips to render."),
-               seed: int = typer.Option(0, help="Seed; the same seed gives the same corpus.")):
+               seed: int = typer.Option(0, help="Seed; the same seed gives the same corpus."),
+               kind: str = typer.Option("v1", "--kind", help="v1: colour, shape, direction. v2: also questions that "
+                                        "need time (colour change, order, bounce count) and long, mostly still clips.")):
     """Render the synthetic toy corpus (coloured shapes moving in one direction) and its QA files."""
-    from dualfocus.pipeline.toy import make_toy_corpus
+    if kind not in ("v1", "v2"):
+        raise typer.BadParameter(f"expected v1 or v2, got {kind!r}", param_hint="--kind")
+    if kind == "v2":
+        from dualfocus.pipeline.toy_v2 import make_toy_corpus_v2
 
-    info = make_toy_corpus(out_dir, n_videos=videos, seed=seed)
+        info = make_toy_corpus_v2(out_dir, n_videos=videos, seed=seed)
+        info = {k: v for k, v in info.items() if k != "clips"}  # every clip's description is in the files
+    else:
+        from dualfocus.pipeline.toy import make_toy_corpus
+
+        info = make_toy_corpus(out_dir, n_videos=videos, seed=seed)
     typer.echo(f"toy corpus written to {out_dir}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
 
