@@ -190,16 +190,32 @@ def test_rejects_bad_arguments(tmp_path, kwargs):
         make_toy_corpus_v2(tmp_path, **kwargs)
 
 
+def test_cli_renders_v2(tmp_path):
+    """`toy-corpus --kind v2`: the v2 files, a summary line without the per-clip descriptions; a bad kind is named."""
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli("toy-corpus", tmp_path / "toy", "--videos", "10", "--kind", "v2", "--seed", "1")
+    assert "n_clips_per_kind=" in proc.stdout and "clips=" not in proc.stdout
+    types = {a["type"] for a in json.loads((tmp_path / "toy" / "test_a.json").read_text())}
+    assert types and types <= {"color", "shape", "direction", "colour_start", "colour_end", "order", "count",
+                               "long_direction"}
+    bad = run_cli("toy-corpus", tmp_path / "bad", "--kind", "v3", check=False)
+    assert bad.returncode == 2 and "expected v1 or v2, got 'v3'" in bad.stderr
+
+
+@pytest.mark.slow
 def test_cli_renders_v2_and_extract_reads_every_clip_at_1_fps(tmp_path, tiny_model):
-    """`toy-corpus --kind v2` then `extract` with the shipped defaults: every clip stored, long clips >= 120 frames."""
+    """`toy-corpus --kind v2` then `extract` with the shipped defaults: every clip stored, long clips >= 120 frames
+    (about 2 minutes here: the long clip's frames go through the encoder)."""
     import json
 
     from conftest import run_cli
 
     from dualfocus.store import FeatureStore
 
-    proc = run_cli("toy-corpus", tmp_path / "toy", "--videos", "10", "--kind", "v2", "--seed", "1")
-    assert "n_clips_per_kind=" in proc.stdout and "clips=" not in proc.stdout
+    run_cli("toy-corpus", tmp_path / "toy", "--videos", "10", "--kind", "v2", "--seed", "1")
     run_cli("extract", tmp_path / "toy" / "videos", "--model", tiny_model, "--out", tmp_path / "store", "--no-progress")
     store = FeatureStore.open(tmp_path / "store")
     table = store.status(["semantic"])
