@@ -98,8 +98,7 @@ def make_toy_corpus(
     videos_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
-    n_test = min(max(1, round(n_videos * test_fraction)), n_videos - 1)
-    test_ids = set(rng.choice(n_videos, size=n_test, replace=False).tolist())
+    n_test, test_ids = _split(rng, n_videos, test_fraction)
     # Attributes are dealt separately to each split from reshuffled cycles, so every colour,
     # shape and direction shows up in a split as soon as it has 4 clips.
     split_attrs = {
@@ -118,13 +117,42 @@ def make_toy_corpus(
         corpus_rows.append((video_id, str(path.resolve())))
         for kind in ("color", "shape", "direction"):
             question = QUESTIONS[kind][int(rng.integers(len(QUESTIONS[kind])))]
-            if split == "train":
-                train_qa.append({"video_id": video_id, "q": question, "a": attrs[kind]})
-            else:
-                qid = f"{video_id}_{kind}"
-                test_q.append({"video_name": video_id, "question": question, "question_id": qid})
-                test_a.append({"answer": attrs[kind], "type": kind, "question_id": qid})
+            _add_question(split, video_id, kind, question, attrs[kind], train_qa, test_q, test_a)
 
+    paths = _write_qa_files(out_dir, train_qa, test_q, test_a, corpus_rows)
+
+    return {
+        "n_videos": n_videos,
+        "n_train": n_videos - n_test,
+        "n_test": n_test,
+        "n_train_qa": len(train_qa),
+        "n_test_qa": len(test_q),
+        "out_dir": str(out_dir),
+        "videos_dir": str(videos_dir),
+        **{key: str(p) for key, p in paths.items()},
+    }
+
+
+def _split(rng: np.random.Generator, n_videos: int, test_fraction: float) -> tuple[int, set[int]]:
+    """(n_test, the clip numbers held out for testing): at least one clip in each split."""
+    n_test = min(max(1, round(n_videos * test_fraction)), n_videos - 1)
+    return n_test, set(rng.choice(n_videos, size=n_test, replace=False).tolist())
+
+
+def _add_question(split: str, video_id: str, qtype: str, question: str, answer: str, train_qa: list,
+                  test_q: list, test_a: list) -> None:
+    """One question of a clip: a training QA row, or a test question and its typed answer (id ``video_qtype``)."""
+    if split == "train":
+        train_qa.append({"video_id": video_id, "q": question, "a": answer})
+    else:
+        qid = f"{video_id}_{qtype}"
+        test_q.append({"video_name": video_id, "question": question, "question_id": qid})
+        test_a.append({"answer": answer, "type": qtype, "question_id": qid})
+
+
+def _write_qa_files(out_dir: Path, train_qa: list, test_q: list, test_a: list,
+                    corpus_rows: list[tuple[str, str]]) -> dict[str, Path]:
+    """train.json, test_q.json, test_a.json and corpus.csv under ``out_dir``; their paths by summary key."""
     paths = {
         "train_json": out_dir / "train.json",
         "test_q_json": out_dir / "test_q.json",
@@ -137,17 +165,7 @@ def make_toy_corpus(
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["video_id", "path"])
         writer.writerows(corpus_rows)
-
-    return {
-        "n_videos": n_videos,
-        "n_train": n_videos - n_test,
-        "n_test": n_test,
-        "n_train_qa": len(train_qa),
-        "n_test_qa": len(test_q),
-        "out_dir": str(out_dir),
-        "videos_dir": str(videos_dir),
-        **{key: str(p) for key, p in paths.items()},
-    }
+    return paths
 
 
 def write_mp4(

@@ -33,16 +33,14 @@ static stretches, which x264 encodes almost for free.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from dualfocus.pipeline.toy import BACKGROUND, COLORS, DIRECTIONS, QUESTIONS, SHAPES, _balanced_attributes, _draw, \
-    _render_clip, write_mp4
+from dualfocus.pipeline.toy import (BACKGROUND, COLORS, DIRECTIONS, QUESTIONS, SHAPES, _add_question, _balanced_attributes,
+                                    _draw, _render_clip, _split, _write_qa_files, write_mp4)
 
 KINDS = ("plain", "colour_change", "order", "count", "long")
 _SHORT_KINDS = KINDS[:-1]
@@ -119,8 +117,7 @@ def make_toy_corpus_v2(
     videos_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
-    n_test = min(max(1, round(n_videos * test_fraction)), n_videos - 1)
-    test_ids = set(rng.choice(n_videos, size=n_test, replace=False).tolist())
+    n_test, test_ids = _split(rng, n_videos, test_fraction)
     split_clips = {split: _deal_clips(rng, n, long_fraction, fps)
                    for split, n in (("train", n_videos - n_test), ("test", n_test))}
 
@@ -135,25 +132,9 @@ def make_toy_corpus_v2(
         for qtype, answer in clip["answers"].items():
             question = QUESTIONS_V2.get(qtype, QUESTIONS.get(qtype))
             question = question[int(rng.integers(len(question)))]
-            if split == "train":
-                train_qa.append({"video_id": clip["video_id"], "q": question, "a": answer})
-            else:
-                qid = f"{clip['video_id']}_{qtype}"
-                test_q.append({"video_name": clip["video_id"], "question": question, "question_id": qid})
-                test_a.append({"answer": answer, "type": qtype, "question_id": qid})
+            _add_question(split, clip["video_id"], qtype, question, answer, train_qa, test_q, test_a)
 
-    paths = {
-        "train_json": out_dir / "train.json",
-        "test_q_json": out_dir / "test_q.json",
-        "test_a_json": out_dir / "test_a.json",
-        "corpus_csv": out_dir / "corpus.csv",
-    }
-    for key, rows in (("train_json", train_qa), ("test_q_json", test_q), ("test_a_json", test_a)):
-        paths[key].write_text(json.dumps(rows, indent=1) + "\n")
-    with paths["corpus_csv"].open("w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["video_id", "path"])
-        writer.writerows(corpus_rows)
+    paths = _write_qa_files(out_dir, train_qa, test_q, test_a, corpus_rows)
 
     per_type = {split: {} for split in ("train", "test")}
     for clip in clips:
