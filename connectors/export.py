@@ -77,6 +77,14 @@ class ExportMeta:
             raise UserError(f"{where}: connector_config: {e}") from None
 
 
+def connector_system(meta: ExportMeta, export_path) -> tuple[type, object]:
+    """(the export's connector class, its config rebuilt from the record); errors name ``export_path``'s record."""
+    from dualfocus.connectors.registry import connector_class
+
+    cfg = meta.connector_config_object(str(Path(export_path) / EXPORT_META))
+    return connector_class(meta.connector), cfg
+
+
 def write_export(state: dict, meta: ExportMeta, out: Path) -> Path:
     """Write ``out/connector.safetensors`` (``state`` as fp32) and ``out/dualfocus.json``."""
     from safetensors.torch import save_file

@@ -100,16 +100,19 @@ def check_store_taps(store, expected: dict[str, str], depth: int, store_path: st
     from dualfocus.encoders.taps import parse_tap
 
     def canonical(text: str):
-        if text in ("pixels", "box"):  # the pixels group's arrays: not encoder taps
-            return text
         tap = parse_tap(text)
         return (tap.kind, None if tap.layer is None else tap.layer % (depth + 1), tap.size)
 
     wrong = []
     for stream, want in expected.items():
         group, tap = store.resolve(stream)
-        have = store.groups[group].info.taps[tap].spec
-        if not have or canonical(have) != canonical(want):
+        info = store.groups[group].info
+        have = info.taps[tap].spec
+        if info.kind != "encoder":  # the pixels group's arrays are named, not encoder cuts: compared as written
+            same = have == want
+        else:
+            same = bool(have) and canonical(have) == canonical(want)
+        if not same:
             wrong.append(f"{stream} holds {have}, not {want}")
     if wrong:
         raise UserError(f"the feature store at {store_path} has the wrong cut for this connector: {'; '.join(wrong)} "

@@ -184,9 +184,10 @@ def run_ask(video: str, question: str, cfg: AskConfig) -> str:
     from dualfocus.connectors.limits import ModelLimits, check_context_length
     from dualfocus.connectors.prompt import PromptBuilder
     from dualfocus.data.batch import collate
-    from dualfocus.connectors.registry import connector_class, frame_planner
+    from dualfocus.connectors.export import connector_system
+    from dualfocus.connectors.registry import frame_planner
     from dualfocus.data.samples import frames_to_read, tokenise
-    from dualfocus.evaluate.predictor import Predictor, check_export_matches, expected_taps, inference_dtype
+    from dualfocus.evaluate.predictor import Predictor, check_export_matches, inference_dtype
     from dualfocus.pipeline.devices import resolve_device
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.models import load_llm_tokenizer, load_qformer_tokenizer
@@ -205,7 +206,8 @@ def run_ask(video: str, question: str, cfg: AskConfig) -> str:
                 for group in settings}
     resolve_device(cfg.device)                      # settings that cannot run fail before the video is decoded
     inference_dtype(meta, cfg.llm_dtype, cfg.checkpoint)
-    taps = expected_taps(meta, model_dir, cfg.checkpoint)  # the cut of its encoder each stream is
+    system, connector_cfg = connector_system(meta, cfg.checkpoint)
+    taps = system.expected_taps(connector_cfg, model_dir)  # the cut of its encoder each stream is
     features = {}
     for group, streams in groups.items():
         wanted = {stream: taps[stream] for stream in streams}
@@ -220,7 +222,6 @@ def run_ask(video: str, question: str, cfg: AskConfig) -> str:
     item = QAItem(video_id=video, question=question, question_id="ask")
     (sample,) = tokenise([item], {video: frames}, PromptBuilder(llm_tok), q_tok, with_answers=False,
                          max_question_tokens=meta.max_question_tokens)
-    system, connector_cfg = connector_class(meta.connector), meta.connector_config_object()
     planner = frame_planner(system, connector_cfg, model_dir)  # as generate plans them from the store
     if planner is not None:
         (plan,) = planner(lambda _, wanted: {s: features[s] for s in wanted}, [sample])

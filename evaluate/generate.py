@@ -81,11 +81,12 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     """Answer every question of ``cfg.questions`` not yet in ``cfg.out``; see module docstring."""
     from dualfocus.connectors.export import read_export
     from dualfocus.connectors.limits import ModelLimits, check_context_length
-    from dualfocus.connectors.registry import connector_class, frame_planner
+    from dualfocus.connectors.export import connector_system
+    from dualfocus.connectors.registry import frame_planner
     from dualfocus.data.batch import collate
     from dualfocus.data.prepare import prepare_samples
     from dualfocus.data.samples import FeatureQADataset, check_store_streams
-    from dualfocus.evaluate.predictor import Predictor, check_export_matches, expected_streams, inference_dtype
+    from dualfocus.evaluate.predictor import Predictor, check_export_matches, inference_dtype
     from dualfocus.pipeline.config import save_config
     from dualfocus.pipeline.devices import resolve_device
     from dualfocus.pipeline.progress import count_progress
@@ -98,14 +99,14 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     model_dir = check_export_matches(meta, cfg.model, store.fingerprint(meta.streams), cfg.checkpoint)
     resolve_device(cfg.device)                      # a device or dtype that cannot be had fails before any output
     inference_dtype(meta, cfg.llm_dtype, cfg.checkpoint)
-    expected = expected_streams(meta, model_dir, cfg.checkpoint)
-    system = connector_class(meta.connector)
+    system, connector_cfg = connector_system(meta, cfg.checkpoint)
+    expected = system.expected_streams(connector_cfg, model_dir)
     prepared = prepare_samples(cfg.store, cfg.questions, model_dir, with_answers=False, expected=expected,
                                max_question_tokens=meta.max_question_tokens,  # the fingerprint check covers taps
-                               plan_frames=frame_planner(system, meta.connector_config_object(), model_dir))
+                               plan_frames=frame_planner(system, connector_cfg, model_dir))
     max_frames = cfg.max_frames if cfg.max_frames is not None else meta.max_frames
     check_context_length(prepared.samples, max_frames, ModelLimits.of(model_dir), frames_key="max_frames",
-                         tokens_per_frame=system.tokens_per_frame(meta.connector_config_object(), model_dir))
+                         tokens_per_frame=system.tokens_per_frame(connector_cfg, model_dir))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out.with_suffix(".config.yaml"))

@@ -78,22 +78,6 @@ def inference_dtype(meta, override: str | None, export_path) -> str:
     return name
 
 
-def expected_streams(meta, model_dir: str, export_path) -> dict[str, tuple[int, ...]]:
-    """``{stream: per-frame shape}`` the export's connector reads with ``model_dir``'s vision tower."""
-    from dualfocus.connectors.registry import connector_class
-
-    cfg = meta.connector_config_object(str(Path(export_path) / "dualfocus.json"))
-    return connector_class(meta.connector).expected_streams(cfg, model_dir)
-
-
-def expected_taps(meta, model_dir: str, export_path) -> dict[str, str]:
-    """``{stream: tap}``: which cut of the base model's vision tower each stream of the export is."""
-    from dualfocus.connectors.registry import connector_class
-
-    cfg = meta.connector_config_object(str(Path(export_path) / "dualfocus.json"))
-    return connector_class(meta.connector).expected_taps(cfg, model_dir)
-
-
 class Predictor:
     """Loads base model + connector once (from the export alone: ``connectors.export.rebuild``);
     ``answer(batch)`` returns decoded strings.

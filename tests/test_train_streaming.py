@@ -203,13 +203,17 @@ def test_ranks_take_disjoint_equal_contiguous_runs(wds_store, samples):
             assert len(seen) == len(set(seen))
 
 
-def test_features_equal_the_indexed_dataset(wds_store, samples):
-    indexed = FeatureQADataset(str(wds_store), samples, MAX_FRAMES)
-    data = streaming(wds_store, samples)
+def streamed_and_indexed(store: Path, samples) -> list[tuple[dict, dict]]:
+    """(streamed item, indexed item) for every sample of one streamed epoch, after checking each comes once."""
+    indexed = FeatureQADataset(str(store), samples, MAX_FRAMES)
+    data = streaming(store, samples)
     batches = take(data, (0, 0), data.batches_per_epoch)
     assert sorted(x["index"] for b in batches for x in b) == list(range(len(samples)))
-    for item in (x for b in batches for x in b):
-        want = indexed[item["index"]]
+    return [(item, indexed[item["index"]]) for b in batches for item in b]
+
+
+def test_features_equal_the_indexed_dataset(wds_store, samples):
+    for item, want in streamed_and_indexed(wds_store, samples):
         assert item["sample"] is want["sample"]
         for name in ("semantic", "spatiotemporal"):
             assert item[name].dtype == want[name].dtype == torch.float32
@@ -281,12 +285,7 @@ def test_planned_frames_stream_as_they_index(wds_store, samples):
     from dataclasses import replace
 
     planned = [replace(s, frames=tuple(range(0, s.n_frames, 2))) if i % 3 == 0 else s for i, s in enumerate(samples)]
-    indexed = FeatureQADataset(str(wds_store), planned, MAX_FRAMES)
-    data = streaming(wds_store, planned)
-    batches = take(data, (0, 0), data.batches_per_epoch)
-    assert sorted(x["index"] for b in batches for x in b) == list(range(len(planned)))
-    for item in (x for b in batches for x in b):
-        want = indexed[item["index"]]
+    for item, want in streamed_and_indexed(wds_store, planned):
         assert all(torch.equal(item[name], want[name]) for name in ("semantic", "spatiotemporal"))
-    assert any(indexed[i]["semantic"].shape[0] != FeatureQADataset(str(wds_store), samples, MAX_FRAMES)[i]["semantic"]
-               .shape[0] for i in range(0, len(samples), 3))
+    indexed, whole = (FeatureQADataset(str(wds_store), s, MAX_FRAMES) for s in (planned, samples))
+    assert any(indexed[i]["semantic"].shape[0] != whole[i]["semantic"].shape[0] for i in range(0, len(samples), 3))
