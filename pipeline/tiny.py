@@ -104,15 +104,29 @@ def _train_llm_tokenizer(vocab_size: int):
 
 
 def _train_qformer_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT-style WordPiece tokenizer whose vocabulary is built directly from the training text, not by the
+    WordPiece trainer: the trainer breaks ties between equally frequent merges in hash order, so two runs gave
+    415 or 416 tokens, and with them Q-Former embeddings of another shape and every later weight drawn
+    differently (two `init-tiny` runs were two different models). Here: the specials, every character (alone and
+    as a ``##`` continuation), then every whole word, most frequent first, ties alphabetical, up to
+    ``vocab_size``; so each training word is one token, as the trainer made them."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for line in _TRAINING_TEXT.splitlines()
+                    for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line)))
+    chars = sorted({c for w in words for c in w})
+    ranked = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))]
+    tokens = list(dict.fromkeys([*_SPECIAL_QFORMER, *chars, *(f"##{c}" for c in chars), *ranked]))[:vocab_size]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.add_special_tokens(_SPECIAL_QFORMER)
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = splitter
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_SPECIAL_QFORMER, show_progress=False)
-    tok.train_from_iterator(_TRAINING_TEXT.splitlines(), trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -123,7 +137,7 @@ def _train_qformer_tokenizer(vocab_size: int):
 _POSITION_SCALE = 0.7  # sin/cos values have std ~0.71, so positions end up at std ~0.5 like the patch embeddings
 
 
-def _sincos_2d(grid: int, dim: int):
+def sincos_positions(grid: int, dim: int):
     """Fixed 2-D sin-cos position embedding ``[grid*grid, dim]`` (raster order): half the channels encode
     the row, half the column, each as sines and cosines at geometrically spaced frequencies."""
     import torch
@@ -183,7 +197,7 @@ def write_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
         # Smooth 2-D sin-cos positions at the scale of the patch embeddings make the tiny tower honest.
         pos = model.vision_model.embeddings.position_embedding  # [1, 1 + g*g, d]
         grid = cfg.image_size // cfg.patch_size
-        pos[0, 1:] = _sincos_2d(grid, cfg.vision_width) * _POSITION_SCALE
+        pos[0, 1:] = sincos_positions(grid, cfg.vision_width) * _POSITION_SCALE
         pos[0, :1].normal_(0.0, 0.5)
     model.save_pretrained(out)
     llm_tok.save_pretrained(out)
