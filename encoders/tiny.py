@@ -6,8 +6,10 @@ config.json + model.safetensors + preprocessor_config.json and read back by ``lo
 code that reads a real one. ``eva`` is the InstructBLIP-layout model of ``dualfocus init-tiny``.
 
 Weights use each class's own initialisation (normal/lecun/xavier at ~0.02 scale), which gives a tower
-whose features differ from frame to frame; ConvNeXt's layer scale starts at 1 instead of 1e-6, so its
-blocks, not only its stem and downsampling convs, shape the features.
+whose features differ from frame to frame, except two things a random tower gets wrong: the ViTs' patch
+positions are replaced by smooth 2-D sin-cos ones at the scale of the patch embeddings (as the tiny EVA tower's),
+so the features say where things are; ConvNeXt's layer scale starts at 1 instead of 1e-6, so its blocks, not
+only its stem and downsampling convs, shape the features.
 """
 
 from __future__ import annotations
@@ -50,6 +52,30 @@ def _vision_tower(family: str):
     return model, pre
 
 
+def _honest_positions(model, family: str) -> None:
+    """Give a tiny ViT smooth 2-D sin-cos patch positions at the scale of its patch embeddings (as the tiny EVA
+    tower of ``pipeline/tiny.py`` has). Each class's own init leaves the position signal 9x (SigLIP) to 25x
+    (DINOv2, CLIP) weaker than the patch content, and the tower then blurs where things are: LongVU on the tiny
+    SigLIP and DINOv2 grids learned colour alone, while the same connector on the tiny EVA grid learned shape and
+    direction too. ConvNeXt has no position embedding."""
+    import torch
+
+    from dualfocus.pipeline.tiny import sincos_positions
+
+    if family == "convnext":
+        return
+    emb = model.vision_model.embeddings if hasattr(model, "vision_model") else model.embeddings
+    if family == "dinov2":
+        patch, table, prefix = emb.patch_embeddings.projection.weight, emb.position_embeddings[0], 1
+    else:  # siglip (no CLS), clip (CLS first)
+        patch, table, prefix = emb.patch_embedding.weight, emb.position_embedding.weight, 0 if family == "siglip" else 1
+    content_std = float(patch.detach().std()) * patch[0].numel() ** 0.5       # std of a patch embedding for unit-std pixels
+    grid = int(round((table.shape[0] - prefix) ** 0.5))
+    with torch.no_grad():
+        table[prefix:] = sincos_positions(grid, table.shape[1]) * (content_std / 0.71)   # sin/cos have std ~0.71
+        table[:prefix].normal_(0.0, content_std)
+
+
 def write_tiny_encoder(out_dir: str | Path, family: str, seed: int = 0) -> Path:
     """Write a tiny random encoder of ``family`` to ``out_dir`` and return the path."""
     import torch
@@ -68,6 +94,7 @@ def write_tiny_encoder(out_dir: str | Path, family: str, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model, pre = _vision_tower(family)
+    _honest_positions(model, family)
     with quiet_transformers():
         model.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))

@@ -263,3 +263,32 @@ def test_weights_that_do_not_fit_the_config_are_refused(tiny, tmp_path):
         load_encoder(broken)
     message = str(err.value)
     assert str(broken) in message and "post_layernorm.weight" in message and "encoder.layers.0.mlp.fc1" in message
+
+
+@pytest.mark.parametrize("family", ["siglip", "dinov2", "clip"])
+def test_tiny_towers_know_where_things_are(tiny, family):
+    """The tiny ViTs' patch positions are smooth (a patch is more like its neighbour than a far patch) and as
+    strong as the patch content: with each class's own init they were 9-25x weaker, and LongVU on the tiny
+    SigLIP/DINOv2 grids learned colour alone. The same image content at two places must give grids that differ
+    where the content moved."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny[family])
+    emb = model.vision_model.embeddings if hasattr(model, "vision_model") else model.embeddings
+    if family == "dinov2":
+        patch, table = emb.patch_embeddings.projection.weight, emb.position_embeddings[0, 1:]
+    else:
+        patch, table = emb.patch_embedding.weight, emb.position_embedding.weight[0 if family == "siglip" else 1:]
+    table = table.detach()
+    side = int(round(table.shape[0] ** 0.5))
+    content = float(patch.detach().std()) * patch[0].numel() ** 0.5
+    assert 0.7 * content < float(table.std()) < 1.3 * content
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(table[0], table[1], dim=0) > cos(table[0], table[side * side - 1], dim=0) + 0.3
+
+    square = np.full((2, 224, 224, 3), 128, np.uint8)
+    square[0, 20:80, 20:80] = (220, 30, 30)
+    square[1, 140:200, 140:200] = (220, 30, 30)
+    grid = np.asarray(load_encoder(tiny[family])(square, {"g": "grid@4x4"})["g"], dtype=np.float32)  # [2, 16, d]
+    moved = np.linalg.norm(grid[0] - grid[1], axis=-1).reshape(4, 4)
+    assert moved[0, 0] > 2 * moved[0, 3] and moved[3, 3] > 2 * moved[3, 0]
