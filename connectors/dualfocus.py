@@ -40,6 +40,9 @@ class DualFocusConfig(ConnectorConfig):
     """Attention heads in the FFP (paper: 8); must divide the LLM width."""
     ffp_dropout: float = 0.0
     """Dropout inside the FFP."""
+    qformer_dropout: float | None = None
+    """Dropout of the Q-Former (its attention probabilities and hidden states); null = the base model's own
+    (InstructBLIP: 0.1 each). Attention dropout also keeps PyTorch off its fused attention kernels."""
     time_positions: int = 1000
     """Relative-time embedding table size (positions scaled to 0..time_positions-1)."""
     gate_init: float = 0.0
@@ -56,6 +59,8 @@ class DualFocusConfig(ConnectorConfig):
             problems.append(f"ffp_heads must be >= 1, got {self.ffp_heads}")
         if not 0 <= self.ffp_dropout < 1:
             problems.append(f"ffp_dropout must be within [0, 1), got {self.ffp_dropout}")
+        if self.qformer_dropout is not None and not 0 <= self.qformer_dropout < 1:
+            problems.append(f"qformer_dropout must be within [0, 1) or null, got {self.qformer_dropout}")
         if self.time_positions < 2:
             problems.append(f"time_positions must be >= 2, got {self.time_positions}")
         if self.gate_kind not in ("linear", "tanh"):
@@ -285,6 +290,16 @@ class DualFocusQAViT(DualFocus):
         return cls(semantic, time_embedding, ffp, top, (cfg.cut_stream, cfg.spatiotemporal_stream), cfg.question_tokens)
 
 
+def set_dropout(module: torch.nn.Module, p: float) -> None:
+    """Every dropout of a transformers module to ``p``: its ``nn.Dropout`` layers and the attention modules'
+    ``attention_dropout`` rate (a float their attention function reads at each call)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = p
+
+
 def _dualfocus_modules(cfg: DualFocusConfig, model_dir: str, seed: int):
     from dualfocus.connectors.ffp import FocusFeatureProjector
     from dualfocus.connectors.semantic import SemanticStream
@@ -294,6 +309,8 @@ def _dualfocus_modules(cfg: DualFocusConfig, model_dir: str, seed: int):
     config = load_config(model_dir)
     d_v, d_q, d_l = config.vision_config.hidden_size, config.qformer_config.hidden_size, config.text_config.hidden_size
     qformer, query_tokens = load_qformer(model_dir)
+    if cfg.qformer_dropout is not None:
+        set_dropout(qformer, cfg.qformer_dropout)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         time_embedding = RelativeTimeEmbedding(d_v, n_positions=cfg.time_positions)

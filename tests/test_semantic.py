@@ -99,3 +99,28 @@ def test_rejects_mismatched_rows(tiny_instructblip):
     stream = semantic_stream_from_instructblip(tiny_instructblip)
     with pytest.raises(ValueError, match="question_ids"):
         stream(torch.randn(2, 257, 64), torch.ones(3, 4, dtype=torch.long))
+
+
+def test_qformer_dropout_setting_makes_training_mode_deterministic(tiny_instructblip):
+    """``set_dropout`` (DualFocusConfig.qformer_dropout) reaches the Q-Former's attention and hidden dropout:
+    at 0, two training-mode passes agree; at the model's own 0.1 they differ."""
+    import copy
+
+    from dualfocus.connectors.dualfocus import set_dropout
+
+    qformer = copy.deepcopy(tiny_instructblip.qformer).train()
+    stream = SemanticStream(qformer, tiny_instructblip.query_tokens)
+    frames = torch.randn(2, 257, 64)
+    ids = torch.randint(0, 100, (2, 5))
+
+    def twice():
+        torch.manual_seed(0)
+        a = stream(frames, ids)
+        return a, stream(frames, ids)
+
+    a, b = twice()
+    assert not torch.allclose(a, b)
+    set_dropout(qformer, 0.0)
+    a, b = twice()
+    torch.testing.assert_close(a, b)
+    assert all(m.p == 0.0 for m in qformer.modules() if isinstance(m, torch.nn.Dropout))
