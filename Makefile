@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench-extract bench-train bench-toy clean
+.PHONY: setup demo compare test test-slow bench-extract bench-train bench-toy clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,23 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/dualfocus demo dualfocus-demo
+
+# Every connector on one store: the v2 toy corpus, the tiny models, one extract with every stream, then compare.
+# Each step resumes (or is skipped when done), so an interrupted `make compare` continues where it stopped.
+CMP ?= dualfocus-compare
+DF := $(VENV)/bin/dualfocus
+compare: setup
+	test -f $(CMP)/toy/test_a.json || $(DF) toy-corpus $(CMP)/toy --kind v2 --videos 200 --seed 0
+	test -f $(CMP)/tiny-model/config.json || $(DF) init-tiny $(CMP)/tiny-model
+	test -f $(CMP)/tiny-siglip/config.json || $(DF) init-tiny $(CMP)/tiny-siglip --family siglip
+	test -f $(CMP)/tiny-dino/config.json || $(DF) init-tiny $(CMP)/tiny-dino --family dinov2
+	$(DF) extract $(CMP)/toy/videos --out $(CMP)/store --model $(CMP)/tiny-model \
+	  --encoder qavit=$(CMP)/tiny-model "encoders.qavit.taps.cut=hidden[1]" \
+	  --encoder slowfast=$(CMP)/tiny-model "encoders.slowfast.taps.grid=grid@8x8" \
+	  --encoder siglip=$(CMP)/tiny-siglip "encoders.siglip.taps.grid=grid@8x8" \
+	  --encoder dino=$(CMP)/tiny-dino "encoders.dino.taps.grid=grid@8x8" --pixels 112
+	$(DF) compare $(CMP)/store $(CMP)/toy/train.json $(CMP)/toy/test_q.json $(CMP)/toy/test_a.json \
+	  --model $(CMP)/tiny-model --out $(CMP)/results --max-steps 1200 --batch-size 4
 
 test: setup
 	$(PY) -m pytest -q
@@ -34,4 +51,4 @@ bench-toy: setup
 	$(PY) benchmarks/toy_learning.py
 
 clean:
-	rm -rf dualfocus-demo .pytest_cache
+	rm -rf dualfocus-demo dualfocus-compare .pytest_cache

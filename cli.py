@@ -279,6 +279,39 @@ def ask(video: str = typer.Argument(..., help="A video file."),
     typer.echo(run_ask(video, question, cfg))
 
 
+@app.command("compare", epilog=_keys_epilog("dualfocus.compare.config", "CompareConfig"))
+@friendly_errors
+def compare(store: str = typer.Argument(..., help="Feature store holding every stream the connectors read."),
+            train_qa: str = typer.Argument(..., help="Training QA: VideoInstruct JSON or JSONL."),
+            test_q: str = typer.Argument(..., help="Held-out questions: test_q.json or JSONL."),
+            test_a: str = typer.Argument(..., help="Their answers: test_a.json or JSONL."),
+            overrides: Optional[list[str]] = OverridesArg,
+            model: Optional[str] = typer.Option(None, "--model", "-m", help="Local base model directory."),
+            out: Optional[str] = typer.Option(None, "--out", "-o", help="Comparison directory (resumed if present)."),
+            connectors: Optional[str] = typer.Option(None, help="Comma-separated connector names [connectors]."),
+            max_steps: Optional[int] = typer.Option(None, help="Optimiser steps of every connector [max_steps]."),
+            seed: Optional[int] = typer.Option(None, help="Training seed of every connector [seed]."),
+            batch_size: Optional[int] = typer.Option(None, help="Micro-batch of every connector [batch_size]."),
+            judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL for the judge columns."),
+            judge_model: Optional[str] = typer.Option(None, help="Judge model name [judge.model]."),
+            config: Optional[Path] = ConfigOpt,
+            no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars.")):
+    """Train several connectors on one store with the same data, steps, seed and batch; one table and picture."""
+    from dualfocus.compare.config import CompareConfig
+    from dualfocus.compare.run import FAILED, run_compare
+    from dualfocus.pipeline.config import load_config
+
+    values = _given(store=store, train=train_qa, test_q=test_q, test_a=test_a, model=model, out=out,
+                    max_steps=max_steps, seed=seed, batch_size=batch_size,
+                    **{"judge.url": judge_url, "judge.model": judge_model})
+    if connectors is not None:
+        values["connectors"] = [c.strip() for c in connectors.split(",") if c.strip()]
+    cfg = load_config(CompareConfig, config, overrides or (), values)
+    rows = run_compare(cfg, _console(), progress=not no_progress and sys.stdout.isatty())
+    if any(r.status == FAILED for r in rows):
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 @friendly_errors
 def demo(dir: str = typer.Argument("dualfocus-demo", help="Working directory for every stage's output."),

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dualfocus.evaluate.words import accuracy_in_words
+
 
 @dataclass
 class DemoConfig:
@@ -94,20 +96,3 @@ def run_demo(cfg: DemoConfig, console, progress: bool = True) -> dict:
     console.print(accuracy_in_words(report))
     report["loss_plot"] = str(run / "loss.png")
     return report
-
-
-_TYPE_WORDS = {"color": "colour"}
-
-
-def accuracy_in_words(report: dict) -> str:
-    """One line a user reads, from a score report: exact-match accuracy overall, then per question type.
-
-    ``{"overall": {"exact_match": 0.867}, "per_type": {"color": {"exact_match": 1.0}, ...}}``
-    -> ``"accuracy 0.87: colour 1.00, shape 0.60, direction 1.00"`` (types in the report's order).
-    """
-    overall = report["overall"]["exact_match"]
-    if overall is None:
-        return "accuracy: no scored questions"
-    parts = [f"{_TYPE_WORDS.get(name, name)} {m['exact_match']:.2f}" for name, m in report["per_type"].items()
-             if m["exact_match"] is not None and name != "untyped"]
-    return f"accuracy {overall:.2f}" + (": " + ", ".join(parts) if parts else "")

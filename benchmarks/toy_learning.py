@@ -42,7 +42,10 @@ def dualfocus(*args, cwd: Path) -> float:
     if proc.returncode != 0:
         sys.exit(f"dualfocus {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    detail = f" | {lines[-3]}" if args[0] in ("extract", "train") and len(lines) >= 3 else ""
+    if args[0] == "train":
+        detail = "".join(f" | {ln}" for ln in lines if ln.startswith("samples:"))
+    else:
+        detail = f" | {lines[-3]}" if args[0] == "extract" and len(lines) >= 3 else ""
     print(f"  [{args[0]}] {seconds:.1f} s{detail}", flush=True)
     return seconds
 
@@ -83,7 +86,7 @@ def extract_args(config: str, model: Path) -> list[str]:
 
 def run_pair(work: Path, model: Path, corpus_seed: int, train_seed: int, args) -> dict:
     """All stages for one (corpus seed, train seed) pair in ``work``; returns accuracies and times."""
-    from dualfocus.demo import accuracy_in_words
+    from dualfocus.evaluate.words import accuracy_in_words
 
     for sub in ("toy", "store", "run"):
         shutil.rmtree(work / sub, ignore_errors=True)

@@ -79,8 +79,11 @@ class VideoLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 300, do_sample: bool = False, temperature: float = 0.9,
-                 top_p: float = 0.6, eos_token_id: int | None = None, pad_token_id: int | None = None) -> list[list[int]]:
-        """New token ids per sample (prompt excluded, cut at EOS), left-padded batched generation."""
+                 top_p: float = 0.6, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 visual_counts: bool = False):
+        """New token ids per sample (prompt excluded, cut at EOS), left-padded batched generation; with
+        ``visual_counts``, ``(ids, counts)`` where ``counts[i]`` is the visual tokens sample ``i`` had in the
+        LLM's sequence."""
         visual = self.connector.visual_tokens(batch, self.llm)
         inputs = self.llm_inputs(visual, batch, with_labels=False, pad_left=True)
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
@@ -94,6 +97,8 @@ class VideoLLM(nn.Module):
             if eos_token_id is not None and eos_token_id in row:
                 row = row[: row.index(eos_token_id)]
             result.append(row)
+        if visual_counts:
+            return result, [int(n) for n in inputs.visual_mask.sum(1).tolist()]
         return result
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -147,6 +147,15 @@ def frames_to_read(sample: Tokenised, max_frames: int | None) -> np.ndarray:
     return planned[uniform_indices(len(planned), max_frames)]
 
 
+def bytes_per_sample(samples: Sequence[Tokenised], store, streams: Sequence[str], max_frames: int | None) -> float:
+    """Mean store bytes one sample reads: the frames it reads (``frames_to_read``) times each stream's stored
+    frame size, summed over ``streams``."""
+    if not samples:
+        return 0.0
+    per_frame = sum(store.frame_bytes(s) for s in streams)
+    return per_frame * sum(len(frames_to_read(s, max_frames)) for s in samples) / len(samples)
+
+
 class FeatureQADataset(torch.utils.data.Dataset):
     """Map-style dataset over tokenised samples; the ``streams`` are read from the store on demand."""
 

@@ -1,6 +1,7 @@
 """``run_generate``: answers for zero-shot QA questions from cached features, resumable.
 
-One JSON line per question: ``{"question_id", "video_id", "question", "pred"}``. Question ids already in
+One JSON line per question: ``{"question_id", "video_id", "question", "pred", "visual_tokens"}`` (the last: how
+many visual tokens the LLM read for that question's video). Question ids already in
 the output file are skipped, so an interrupted run continues where it stopped. Questions whose video is
 not in the store (or failed there) are listed in the summary and in ``PREDS.missing.json``.
 """
@@ -124,9 +125,10 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
             for s in range(0, len(todo), cfg.batch_size):
                 batch = collate([dataset[i] for i in range(s, min(s + cfg.batch_size, len(todo)))],
                                 prepared.qformer_pad_id, prepared.pad_token_id or 0)
-                for sample, pred in zip(batch.samples, predictor.answer(batch, cfg.sampling)):
+                for sample, (pred, n_visual) in zip(batch.samples, predictor.answers(batch, cfg.sampling)):
                     f.write(json.dumps({"question_id": sample.question_id, "video_id": sample.video_id,
-                                        "question": sample.question, "pred": pred}) + "\n")
+                                        "question": sample.question, "pred": pred,
+                                        "visual_tokens": n_visual}) + "\n")
                 f.flush()
                 summary.written += len(batch.samples)
                 advance(len(batch.samples))

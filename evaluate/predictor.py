@@ -98,12 +98,17 @@ class Predictor:
         self.model = rebuild(self.meta, state, model_dir, name, self.device, str(Path(export_path) / "dualfocus.json"))
         self.tokenizer = load_llm_tokenizer(model_dir)
 
-    @torch.no_grad()
     def answer(self, batch, sampling: SamplingConfig) -> list[str]:
         """Answers for a collated ``Batch`` (``data.batch.collate``), in batch order."""
+        return [text for text, _ in self.answers(batch, sampling)]
+
+    @torch.no_grad()
+    def answers(self, batch, sampling: SamplingConfig) -> list[tuple[str, int]]:
+        """(answer, visual tokens the LLM read) per sample of a collated ``Batch``, in batch order."""
         batch = batch.to(self.device, self.dtype)
         torch.manual_seed(sampling.seed)
-        ids = self.model.generate(batch, max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
-                                  temperature=sampling.temperature, top_p=sampling.top_p,
-                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+        ids, counts = self.model.generate(batch, max_new_tokens=sampling.max_new_tokens,
+                                          do_sample=not sampling.greedy, temperature=sampling.temperature,
+                                          top_p=sampling.top_p, eos_token_id=self.tokenizer.eos_token_id,
+                                          pad_token_id=self.tokenizer.pad_token_id, visual_counts=True)
+        return [(self.tokenizer.decode(row, skip_special_tokens=True).strip(), n) for row, n in zip(ids, counts)]

@@ -127,6 +127,16 @@ class FeatureStore:
         group, tap = self.resolve(stream)
         return self.groups[group].info.taps[tap].shape
 
+    def frame_bytes(self, stream: str) -> int:
+        """Bytes one stored frame of ``stream`` occupies on disk (an int8 tap's scales included)."""
+        from .dtypes import on_disk_arrays
+        from .protocols import ArraySpec
+
+        group, tap = self.resolve(stream)
+        info = self.groups[group].info.taps[tap]
+        arrays = on_disk_arrays(tap, info.shape, info.dtype).values()
+        return sum(ArraySpec(tail, dtype).frame_bytes() for tail, dtype in arrays)
+
     def _groups_of(self, streams: Sequence[str] | None) -> list[str]:
         if streams is None:
             return list(self.groups)

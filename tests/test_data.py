@@ -209,3 +209,18 @@ def test_frames_planned_by_the_connector_are_the_frames_read(toy_store, toy_corp
             assert (s.frames is None) == (i == 1)
             np.testing.assert_array_equal(dataset[i]["semantic"].numpy(),
                                           store.read(s.video_id, want)["semantic"].astype(np.float32))
+
+
+def test_bytes_per_sample_counts_the_frames_each_sample_reads(prepared, toy_store):
+    """Mean store bytes of a sample: its frames (capped by max_frames) times the stored frame size of each
+    stream (the toy store: float16, semantic [257, 64] and spatiotemporal [64, 64])."""
+    from dualfocus.data.samples import bytes_per_sample, frames_to_read
+    from dualfocus.store import FeatureStore
+
+    store = FeatureStore.open(toy_store)
+    assert store.frame_bytes("semantic") == 257 * 64 * 2 and store.frame_bytes("spatiotemporal") == 64 * 64 * 2
+    frames = [len(frames_to_read(s, 3)) for s in prepared.samples]
+    assert max(frames) == 3
+    want = (257 + 64) * 64 * 2 * sum(frames) / len(frames)
+    assert bytes_per_sample(prepared.samples, store, ["semantic", "spatiotemporal"], 3) == pytest.approx(want)
+    assert bytes_per_sample([], store, ["semantic"], 3) == 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualfocus.demo import accuracy_in_words
+from dualfocus.evaluate.words import accuracy_in_words
 from dualfocus.connectors.dualfocus import DualFocusConfig as ConnectorConfig
 from dualfocus.train.config import OptimConfig
 from dualfocus.connectors.ffp import FocusFeatureProjector

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "extract", "store", "encoders", "connectors", "data", "train", "evaluate", "configs")
+PACKAGES = ("pipeline", "extract", "store", "encoders", "connectors", "data", "train", "evaluate", "compare", "configs")
 
 
 def test_every_package_folder_is_listed_for_the_wheel():

@@ -44,6 +44,10 @@ class TrainSummary:
     stopped: str = ""
     rank: int = 0
     """This process's rank; only rank 0 reports (the figures are global)."""
+    trainable_params: int = 0
+    """Parameters the optimiser updates (the connector's; the LLM is frozen)."""
+    bytes_per_sample: float = 0.0
+    """Mean store bytes a training sample reads (its frames of every stream the connector reads)."""
 
     @property
     def samples_per_s(self) -> float:
@@ -182,7 +186,8 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     from dualfocus.connectors.registry import build_video_llm, connector_class, frame_planner
     from dualfocus.data.batch import collate
     from dualfocus.data.prepare import prepare_samples
-    from dualfocus.data.samples import FeatureQADataset
+    from dualfocus.data.samples import FeatureQADataset, bytes_per_sample
+    from dualfocus.store import FeatureStore
     from dualfocus.train import checkpoint as ckpt
     from dualfocus.train.plot import plot_loss
     from dualfocus.train.sampler import ResumableBatches
@@ -208,6 +213,8 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     check_context_length(prepared.samples, cfg.data.max_frames, limits,  # planned frames counted where planned
                          tokens_per_frame=system.tokens_per_frame(cfg.connector, cfg.model))
     streaming = wants_streaming(cfg.data.streaming, cfg.store, prepared.store_info["streams"])
+    read_bytes = bytes_per_sample(prepared.samples, FeatureStore.open(cfg.store), prepared.store_info["streams"],
+                                  cfg.data.max_frames)
     rank, world = init_distributed()
     is_main = rank == 0
     resume_tag = ckpt.latest_complete_tag(run_dir) if resume else None
@@ -339,7 +346,8 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     return TrainSummary(run_dir=str(run_dir), steps=step, start_step=start_step, first_loss=first_loss,
                         last_loss=last_loss, samples=samples_seen, seconds=seconds,
                         data_wait_fraction=waited / max(waited + computed, 1e-9), usable=prepared.report.line(),
-                        export=export, loss_plot=plot, rank=rank)
+                        export=export, loss_plot=plot, rank=rank,
+                        trainable_params=sum(p.numel() for p in trainable), bytes_per_sample=read_bytes)
 
 
 def _global_step_figures(loss: float, samples: int, device, world: int) -> tuple[float, int]:

@@ -15,5 +15,7 @@ def print_train_summary(s: TrainSummary, console) -> None:
     console.print(f"steps: {s.steps}{resumed} | loss {s.first_loss:.4f} -> {s.last_loss:.4f}")
     console.print(f"samples: {s.samples} in {s.seconds:.1f} s = {s.samples_per_s:.2f} samples/s | "
                   f"data wait {100 * s.data_wait_fraction:.1f}% of step time")
+    console.print(f"trainable parameters: {s.trainable_params:,} | store bytes read per sample: "
+                  f"{s.bytes_per_sample / 1024:,.1f} KiB")
     console.print(f"export: {s.export}")
     console.print(f"loss curve: {s.loss_plot}")
