@@ -72,29 +72,16 @@ def train_config_for(cfg: CompareConfig, name: str):
     return tcfg
 
 
-def missing_streams(tcfg, store) -> tuple[list[str], str]:
-    """(streams the connector reads that ``store`` cannot give, a message saying what to do): the extract command
-    adding the missing ones, or, for a bare tap name several groups hold, to name the group."""
+def stream_problem(tcfg, store) -> str:
+    """Why the store cannot give the connector's streams ("" when it can), with the extract command if needed."""
+    import functools
+
     from dualfocus.connectors.registry import connector_class
-    from dualfocus.store import MissingStreamError
+    from dualfocus.data.samples import store_stream_problem
 
     system = connector_class(tcfg.connector.name)
-    missing, ambiguous = [], []
-    for stream in system.expected_streams(tcfg.connector, tcfg.model):
-        try:
-            store.resolve(stream)
-        except MissingStreamError:
-            holders = [g for g, group in store.groups.items() if "." not in stream and stream in group.info.taps]
-            (ambiguous if holders else missing).append(f"{stream} ({' or '.join(f'{g}.{stream}' for g in holders)})"
-                                                       if holders else stream)
-    if ambiguous:  # present, but the recipe must say which group's
-        return ambiguous, (f"{', '.join(ambiguous)} is a tap of several groups of the store: name the group "
-                           "(group.tap) in the recipe's connector section")
-    if not missing:
-        return [], ""
-    args = system.extract_args(tcfg.connector, tcfg.model, missing)
-    return missing, (f"the store lacks {', '.join(missing)}; add with: "
-                     f"dualfocus extract CORPUS --out {tcfg.store} {args}")
+    return store_stream_problem(store, list(system.expected_streams(tcfg.connector, tcfg.model)), tcfg.store,
+                                tcfg.model, functools.partial(system.extract_args, tcfg.connector, tcfg.model))
 
 
 def settings_of(tcfg, cfg: CompareConfig) -> dict:
@@ -205,8 +192,8 @@ def compare_one(cfg: CompareConfig, name: str, store, console, progress: bool) -
                                 f"use another --out, or delete {folder} to redo {name}")
             console.print(f"{name}: already done ({result_path})")
             return Row(**old)
-    missing, why = missing_streams(tcfg, store)
-    if missing:
+    why = stream_problem(tcfg, store)
+    if why:
         return Row(name, MISSING, why,
                    recipe=str(cfg.recipes[name]), settings=settings)
     folder.mkdir(parents=True, exist_ok=True)

@@ -65,23 +65,39 @@ def join_with_store(items: list[QAItem], store, streams: Sequence[str]) -> tuple
     return kept, report
 
 
-def check_store_streams(store, streams: Sequence[str], store_path: str, model_dir: str,
-                        extract_args=None) -> None:
-    """Refuse a store that lacks a stream the connector reads, naming each and the extract command adding them
-    (``extract_args(missing) -> str``: the connector's arguments for it; default ``--model MODEL``)."""
+def store_stream_problem(store, streams: Sequence[str], store_path: str, model_dir: str, extract_args=None) -> str:
+    """Why ``store`` cannot give the connector's ``streams`` ("" when it can): a bare tap name several groups hold
+    (name the group), or the streams it lacks and the extract command adding them (``extract_args(missing) ->
+    str``: the connector's arguments for it; default ``--model MODEL``)."""
     from dualfocus.store import MissingStreamError
 
-    missing = []
+    missing, ambiguous = [], []
     for stream in streams:
         try:
             store.resolve(stream)
         except MissingStreamError:
-            missing.append(stream)
-    if missing:
-        have = ", ".join(store.streams()) or "no streams"
-        args = extract_args(missing) if extract_args else f"--model {model_dir}"
-        raise UserError(f"the feature store at {store_path} lacks the stream(s) {', '.join(missing)} this connector "
-                        f"reads (it has {have}); add them with: dualfocus extract CORPUS --out {store_path} {args}")
+            holders = [] if "." in stream else store.groups_with(stream)
+            if holders:
+                ambiguous.append(f"{stream} ({' or '.join(f'{g}.{stream}' for g in holders)})")
+            else:
+                missing.append(stream)
+    if ambiguous:
+        return (f"{', '.join(ambiguous)} is a tap of several groups of the feature store at {store_path}: name the "
+                "group (group.tap) in the connector's config")
+    if not missing:
+        return ""
+    have = ", ".join(store.streams()) or "no streams"
+    args = extract_args(missing) if extract_args else f"--model {model_dir}"
+    return (f"the feature store at {store_path} lacks the stream(s) {', '.join(missing)} this connector reads (it "
+            f"has {have}); add them with: dualfocus extract CORPUS --out {store_path} {args}")
+
+
+def check_store_streams(store, streams: Sequence[str], store_path: str, model_dir: str,
+                        extract_args=None) -> None:
+    """Refuse a store that cannot give a stream the connector reads (``store_stream_problem`` says why)."""
+    problem = store_stream_problem(store, streams, store_path, model_dir, extract_args)
+    if problem:
+        raise UserError(problem)
 
 
 def check_store_shapes(store, expected: dict[str, tuple[int, ...]], model_dir: str) -> None:

@@ -109,13 +109,17 @@ class FeatureStore:
                 return group, tap
             found = []
         else:
-            found = [(g, tap) for g, grp in self.groups.items() if tap in grp.info.taps]
+            found = self.groups_with(tap)
             if len(found) == 1:
-                return found[0]
+                return found[0], tap
         have = ", ".join(self.streams()) or "none"
-        why = f"is a tap of several groups ({', '.join(g for g, _ in found)}): name one as group.tap" if found \
+        why = f"is a tap of several groups ({', '.join(found)}): name one as group.tap" if found \
             else "is not in the store"
         raise MissingStreamError(f"stream {stream!r} {why}; {self.root} has: {have}")
+
+    def groups_with(self, tap: str) -> list[str]:
+        """The groups holding a tap of this name."""
+        return [g for g, grp in self.groups.items() if tap in grp.info.taps]
 
     def group_info(self, stream_or_group: str) -> GroupInfo:
         """The `GroupInfo` of a group name, or of the group holding a stream."""

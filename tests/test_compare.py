@@ -100,7 +100,7 @@ def test_compare_cli_reports_missing_stream_then_resumes(toy_store: Path, toy_co
     assert len(md) == 5 and md[2].startswith("| dualfocus | ") and md[3].startswith("| slowfast | ")
     assert md[4].startswith("| chance | ")
 
-    command = shlex.split(missing["message"].split("add with: ", 1)[1])
+    command = shlex.split(missing["message"].split("add them with: ", 1)[1])
     assert command[:2] == ["dualfocus", "extract"]
     run_cli(*[str(toy_corpus / "videos") if a == "CORPUS" else a for a in command[1:]], "--no-progress")
 

@@ -15,7 +15,7 @@ from dualfocus.pipeline.qa import QAItem, read_training_qa
 from dualfocus.pipeline.sampling import uniform_indices as subsample_indices
 from dualfocus.connectors.dualfocus import DualFocus, DualFocusConfig
 from dualfocus.data.batch import collate
-from dualfocus.data.samples import FeatureQADataset, check_store_shapes, join_with_store
+from dualfocus.data.samples import FeatureQADataset, check_store_shapes, check_store_streams, join_with_store
 from dualfocus.train.sampler import ResumableBatches
 
 
@@ -224,3 +224,19 @@ def test_bytes_per_sample_counts_the_frames_each_sample_reads(prepared, toy_stor
     want = (257 + 64) * 64 * 2 * sum(frames) / len(frames)
     assert bytes_per_sample(prepared.samples, store, ["semantic", "spatiotemporal"], 3) == pytest.approx(want)
     assert bytes_per_sample([], store, ["semantic"], 3) == 0.0
+
+
+def test_a_tap_several_groups_hold_is_named_not_reported_missing(streams_store):
+    """``grid`` is a tap of the slowfast, siglip and dino groups: the message asks for group.tap instead of an
+    extract command that would add a stream the store already has."""
+    from dualfocus.data.samples import store_stream_problem
+    from dualfocus.store import FeatureStore
+
+    store = FeatureStore.open(streams_store)
+    problem = store_stream_problem(store, ["grid", "eva.semantic"], "S", "M")
+    assert "is a tap of several groups" in problem and "lacks" not in problem and "extract" not in problem
+    assert all(f"{g}.grid" in problem for g in ("slowfast", "siglip", "dino"))
+    assert store_stream_problem(store, ["slowfast.grid", "semantic"], "S", "M") == ""
+    assert "lacks the stream(s) nope" in store_stream_problem(store, ["nope"], "S", "M")
+    with pytest.raises(UserError, match="several groups"):
+        check_store_streams(store, ["grid"], "S", "M")
