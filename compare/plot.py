@@ -13,10 +13,11 @@ def plot_comparison(rows, metrics: dict[str, Path], out_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dualfocus.compare.run import CHANCE, DONE
     from dualfocus.compare.table import question_types
     from dualfocus.train.plot import read_losses
 
-    done = [r for r in rows if r.status == "done"]
+    done = [r for r in rows if r.status == DONE]
     groups = ["overall", *question_types(done)]
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(len(done), 1)
@@ -24,7 +25,7 @@ def plot_comparison(rows, metrics: dict[str, Path], out_path: Path) -> Path:
         values = [r.accuracy or 0.0, *((r.per_type.get(t) or 0.0) for t in groups[1:])]
         bars.bar([g + (i - (len(done) - 1) / 2) * width for g in range(len(groups))], values, width, label=r.connector)
     for r in rows:
-        if r.status == "reference":  # chance: a black tick across each group
+        if r.status == CHANCE:  # chance: a black tick across each group
             values = [r.accuracy, *(r.per_type.get(t) for t in groups[1:])]
             for g, v in enumerate(values):
                 if v is not None:

@@ -12,7 +12,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from dualfocus.compare.run import CHANCE, DONE
 from dualfocus.evaluate.words import TYPE_WORDS
+
+FIGURES = ("trainable params", "visual tokens/video", "train samples/s", "peak memory MiB", "store KiB/sample")
+"""The columns after the accuracies (and the judge's)."""
 
 def question_types(rows) -> list[str]:
     """Every question type of the rows' per-type figures, in order of first appearance."""
@@ -26,8 +30,7 @@ def _has_judge(rows) -> bool:
 def header(rows) -> list[str]:
     judge = ["judge acc", "judge score"] if _has_judge(rows) else []
     return (["connector", "overall", *(TYPE_WORDS.get(t, t) for t in question_types(rows)), *judge,
-             "trainable params", "visual tokens/video", "train samples/s", "peak memory MiB", "store KiB/sample",
-             "note"])
+             *FIGURES, "note"])
 
 
 def _num(x, fmt: str) -> str:
@@ -36,11 +39,11 @@ def _num(x, fmt: str) -> str:
 
 def cells(row, types: list[str], judge: bool) -> list[str]:
     """One row's cells, in ``header`` order."""
-    if row.status == "reference":  # accuracies only
+    if row.status == CHANCE:  # accuracies only
         return [row.connector, _num(row.accuracy, ".3f"), *(_num(row.per_type.get(t), ".3f") for t in types),
-                *[""] * (2 * judge + 5), row.message]
-    if row.status != "done":
-        return [row.connector, *[""] * (1 + len(types) + 2 * judge + 5), f"{row.status}: {row.message}"]
+                *[""] * (2 * judge + len(FIGURES)), row.message]
+    if row.status != DONE:
+        return [row.connector, *[""] * (1 + len(types) + 2 * judge + len(FIGURES)), f"{row.status}: {row.message}"]
     judge_cells = [_num(row.judge_accuracy, ".3f"), _num(row.judge_score, ".2f")] if judge else []
     memory = _num(row.peak_memory_mib, ",.0f") + (" (GPU)" if row.memory_kind == "cuda" else "")
     return [row.connector, _num(row.accuracy, ".3f"), *(_num(row.per_type.get(t), ".3f") for t in types),
@@ -68,8 +71,8 @@ def render_terminal(rows, console) -> None:
         table.add_row(*cells(r, types, judge)[:-1])
     console.print(table)
     for r in rows:
-        if r.status != "done":
-            note = r.message if r.status == "reference" else f"{r.status}: {r.message}"
+        if r.status != DONE:
+            note = r.message if r.status == CHANCE else f"{r.status}: {r.message}"
             console.print(f"{r.connector}: {note}", markup=False, soft_wrap=True)
 
 
