@@ -12,7 +12,7 @@ import yaml
 from dualfocus.pipeline.config import ConfigError, load_config, save_config
 from dualfocus.pipeline.errors import UserError
 from dualfocus.train.config import TrainConfig
-from dualfocus.train.loop import check_resume, deepspeed_config, warmup_then_constant
+from dualfocus.train.loop import check_resume, deepspeed_config, save_run_config, warmup_then_constant
 from dualfocus.train.sampler import ResumableBatches
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def test_bad_deepspeed_json_is_refused(tmp_path, content, message):
 def fake_finished_run(cfg: TrainConfig) -> Path:
     """A run dir as `run_train` leaves it: the saved config and one complete checkpoint."""
     run = Path(cfg.out)
-    save_config(cfg, run / "train_config.yaml")
+    save_run_config(cfg, run)
     (run / "checkpoints" / "step0000004").mkdir(parents=True)
     (run / "checkpoints" / "step0000004" / "client_state.pt").write_bytes(b"")
     return run
@@ -159,6 +159,23 @@ def test_a_run_saved_before_a_key_existed_resumes_with_that_keys_default(tmp_pat
     check_resume(base_config(tmp_path), run, resume=True)
     with pytest.raises(UserError, match=r"data.max_question_tokens \(64 -> 32\)"):
         check_resume(base_config(tmp_path, "data.max_question_tokens=32"), run, resume=True)
+
+
+def test_resume_compares_paths_not_how_they_were_written(tmp_path, monkeypatch):
+    """A run started with relative paths resumes when they are given absolute, and from another directory; an
+    older run dir whose saved paths are relative resumes from the directory it was started in."""
+    monkeypatch.chdir(tmp_path)
+    run = fake_finished_run(base_config(tmp_path))  # store "s", model "m": relative to tmp_path
+    absolute = {"store": str(tmp_path / "s"), "model": str(tmp_path / "m"), "annotations": str(tmp_path / "a.json")}
+    check_resume(base_config(tmp_path, *(f"{k}={v}" for k, v in absolute.items())), run, resume=True)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    check_resume(base_config(tmp_path, "store=../s", "model=../m", "annotations=../a.json"), run, resume=True)
+    with pytest.raises(UserError, match=r"store \("):  # the same relative name here is another store
+        check_resume(base_config(tmp_path, "model=../m", "annotations=../a.json"), run, resume=True)
+    monkeypatch.chdir(tmp_path)
+    save_config(base_config(tmp_path), run / "train_config.yaml")  # as written before paths were saved absolute
+    check_resume(base_config(tmp_path, *(f"{k}={v}" for k, v in absolute.items())), run, resume=True)
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path):

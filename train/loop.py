@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -153,12 +153,30 @@ def check_resume(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
         raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
     # A key the saved config lacks was added to dualfocus after that run started; the run trained with the
     # behaviour that key's default keeps, so a run begun on an older version still resumes.
-    old = {**_flatten(config_to_dict(TrainConfig())), **_flatten(yaml.safe_load(saved.read_text()))}
-    new = _flatten(config_to_dict(cfg))
+    old = _same_paths({**_flatten(config_to_dict(TrainConfig())), **_flatten(yaml.safe_load(saved.read_text()))})
+    new = _same_paths(_flatten(config_to_dict(cfg)))
     differing = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
     if differing:
         detail = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differing)
         raise UserError(f"--resume: {run_dir} was trained with a different config: {detail}")
+
+
+PATH_KEYS = ("store", "annotations", "model", "out")
+"""Keys naming a file or directory: a run started as ``--out runs/a`` resumes as ``--out /abs/runs/a``."""
+
+
+def save_run_config(cfg: TrainConfig, run_dir: Path) -> Path:
+    """Write ``run_dir/train_config.yaml`` with the path keys absolute, so a later ``--resume`` from another
+    directory compares the same files."""
+    from dualfocus.pipeline.config import save_config
+
+    absolute = {k: os.path.abspath(getattr(cfg, k)) for k in PATH_KEYS if getattr(cfg, k)}
+    return save_config(replace(cfg, **absolute), run_dir / "train_config.yaml")
+
+
+def _same_paths(flat: dict) -> dict:
+    """``flat`` with the path keys made absolute (relative ones against the current directory)."""
+    return {k: (os.path.abspath(v) if k in PATH_KEYS and v else v) for k, v in flat.items()}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -178,7 +196,6 @@ def warmup_then_constant(warmup_steps: int):
 
 def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainSummary:
     """Train the connector; see the module docstring and ``train/checkpoint.py`` for the run layout."""
-    from dualfocus.pipeline.config import save_config
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.progress import step_progress
     from dualfocus.connectors.export import write_export
@@ -233,7 +250,7 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
                             f"the store, and data.streaming={cfg.data.streaming} now resolves the other way for "
                             f"{cfg.store}; the data order would differ")
     if is_main:
-        save_config(cfg, run_dir / "train_config.yaml")
+        save_run_config(cfg, run_dir)
 
     torch.manual_seed(cfg.seed)
     model = build_video_llm(cfg.connector, cfg.model, llm_dtype=cfg.llm_dtype, seed=cfg.seed)
