@@ -8,6 +8,7 @@ commands so ``dualfocus --help`` stays instant.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -64,11 +65,19 @@ def _given(**flags: Any) -> dict[str, Any]:
 def init_tiny(out_dir: Path = typer.Argument(..., help="Directory to write the tiny model to."),
               seed: int = typer.Option(0, help="Seed for the random weights."),
               family: str = typer.Option("eva", help="Encoder family: eva (the InstructBLIP-layout model), "
-                                                     "siglip, dinov2, clip or convnext (a vision tower only).")):
+                                                     "siglip, dinov2, clip or convnext (a vision tower only)."),
+              reading_steps: int = typer.Option(0, "--reading-steps", help="Steps of text-only reading practice for "
+                                                "the tiny LLM (eva only; 0: random LLM). `make compare` uses 1000.")):
     """Write a tiny random InstructBLIP-layout model (for tests, CI and the demo), or another family's encoder."""
     from dualfocus.encoders.tiny import write_tiny_encoder
 
-    path = write_tiny_encoder(out_dir, family, seed=seed)
+    if reading_steps < 0:
+        raise typer.BadParameter(f"expected >= 0, got {reading_steps}", param_hint="--reading-steps")
+    path = write_tiny_encoder(out_dir, family, seed=seed, reading_steps=reading_steps)
+    reading = path / "reading.json"
+    if reading_steps and reading.exists():
+        accuracy = json.loads(reading.read_text())["accuracy_on_256_fresh_prompts"]
+        typer.echo(f"LLM reading practice: {reading_steps} steps, answers {accuracy:.2f} of 256 fresh prompts")
     typer.echo(f"tiny model written to {path}")
 
 

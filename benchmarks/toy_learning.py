@@ -3,6 +3,7 @@
     python benchmarks/toy_learning.py [--dir DIR] [--videos 300] [--steps N] [--seed 0]
     python benchmarks/toy_learning.py --seeds                 # the 3 (corpus seed, train seed) pairs 0:0,1:1,2:2
     python benchmarks/toy_learning.py --seeds 3:5,4:6         # any pairs
+    python benchmarks/toy_learning.py --reading-steps 1000    # the tiny LLM given reading practice first
 
 Per pair: toy-corpus (corpus seed) -> init-tiny -> extract (every stream the recipe's connector reads) -> train
 (--config, default configs/train_tiny.yaml; configs/train_qavit_tiny.yaml for QA-ViT mode; train seed)
@@ -129,13 +130,15 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="?", const=DEFAULT_PAIRS, default=None, metavar="C:T,...",
                     help=f"run several (corpus seed, train seed) pairs; alone: {DEFAULT_PAIRS}")
     ap.add_argument("--config", default=str(ROOT / "configs" / "train_tiny.yaml"))
+    ap.add_argument("--reading-steps", type=int, default=0,
+                    help="init-tiny --reading-steps: text-only reading practice for the tiny LLM (0: random LLM)")
     args = ap.parse_args()
 
     pairs = parse_pairs(args.seeds) if args.seeds else [(args.seed, args.seed)]
     work = args.dir or Path(tempfile.mkdtemp(prefix="dualfocus-toy-"))
     work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work / "model", ignore_errors=True)
-    args.init_seconds = dualfocus("init-tiny", "model", cwd=work)
+    args.init_seconds = dualfocus("init-tiny", "model", "--reading-steps", str(args.reading_steps), cwd=work)
     model = (work / "model").resolve()
     results = []
     for corpus_seed, train_seed in pairs:
@@ -152,8 +155,8 @@ def main() -> None:
         print(f"overall    {spread([r['accuracy'] for r in results])}")
         for t in TYPES:
             print(f"{t:<11}{spread([r['per_type'][t] for r in results if t in r['per_type']])}")
-    (work / "summary.json").write_text(json.dumps({"videos": args.videos, "config": args.config, "runs": results},
-                                                  indent=1) + "\n")
+    (work / "summary.json").write_text(json.dumps({"videos": args.videos, "config": args.config,
+                                                   "reading_steps": args.reading_steps, "runs": results}, indent=1) + "\n")
     print(f"summary: {work / 'summary.json'}")
     print(f"accuracy: {min(r['accuracy'] for r in results):.4f}")
 

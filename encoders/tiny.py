@@ -76,8 +76,9 @@ def _honest_positions(model, family: str) -> None:
         table[:prefix].normal_(0.0, content_std)
 
 
-def write_tiny_encoder(out_dir: str | Path, family: str, seed: int = 0) -> Path:
-    """Write a tiny random encoder of ``family`` to ``out_dir`` and return the path."""
+def write_tiny_encoder(out_dir: str | Path, family: str, seed: int = 0, reading_steps: int = 0) -> Path:
+    """Write a tiny random encoder of ``family`` to ``out_dir`` and return the path. ``reading_steps`` (eva
+    only, whose directory holds the LLM too): steps of reading practice for its LLM (``TinyModelConfig``)."""
     import torch
 
     from dualfocus.pipeline.errors import UserError
@@ -87,7 +88,9 @@ def write_tiny_encoder(out_dir: str | Path, family: str, seed: int = 0) -> Path:
     if family == "eva":
         from dualfocus.pipeline.tiny import TinyModelConfig, write_tiny_model
 
-        return write_tiny_model(out_dir, TinyModelConfig(seed=seed))
+        return write_tiny_model(out_dir, TinyModelConfig(seed=seed, reading_steps=reading_steps))
+    if reading_steps:
+        raise UserError(f"--reading-steps trains the LLM of the eva model; a {family} tower has no LLM")
     from dualfocus.encoders.forward import quiet_transformers
 
     out = Path(out_dir)

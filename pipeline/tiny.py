@@ -70,6 +70,10 @@ class TinyModelConfig:
     """Target vocabulary size of each locally trained tokenizer (big enough for one token per word)."""
     seed: int = 0
     """Seed for the random weights."""
+    reading_steps: int = 0
+    """Steps of text-only reading practice for the LLM (``pipeline/tiny_reading.py``): 0 leaves it random, as
+    the tests and the demo use it; ``make compare`` gives it 1000 so that connectors whose tokens ignore the
+    question have an LLM that, like a real one, answers a colour question with a colour word it reads."""
 
     def check(self) -> list[str]:
         problems = []
@@ -81,6 +85,8 @@ class TinyModelConfig:
         for name in ("vision_layers", "qformer_layers", "llm_layers"):
             if getattr(self, name) < 2:
                 problems.append(f"{name} must be >= 2, got {getattr(self, name)}")
+        if self.reading_steps < 0:
+            problems.append(f"reading_steps must be >= 0, got {self.reading_steps}")
         return problems
 
 
@@ -199,6 +205,12 @@ def write_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
         grid = cfg.image_size // cfg.patch_size
         pos[0, 1:] = sincos_positions(grid, cfg.vision_width) * _POSITION_SCALE
         pos[0, :1].normal_(0.0, 0.5)
+    if cfg.reading_steps:
+        from dualfocus.pipeline.tiny_reading import practise_reading
+
+        accuracy = practise_reading(model.language_model, llm_tok, cfg.reading_steps, seed=cfg.seed)
+        (out / "reading.json").write_text(json.dumps({"steps": cfg.reading_steps, "seed": cfg.seed,
+                                                      "accuracy_on_256_fresh_prompts": accuracy}, indent=2))
     model.save_pretrained(out)
     llm_tok.save_pretrained(out)
     q_tok.save_pretrained(out / "qformer_tokenizer")
