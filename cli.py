@@ -55,6 +55,20 @@ def _keys_epilog(module: str, name: str) -> str:
     return "Config keys (YAML or key=value):\n\n" + "\n\n".join(lines)
 
 
+def _keys_help(module: str, name: str) -> type:
+    """A command class whose --help ends with the stage's config keys (``_keys_epilog``), built only when help is
+    shown: the config modules import torch, which every other use of the CLI should not pay for."""
+    from typer.core import TyperCommand
+
+    class KeysHelpCommand(TyperCommand):
+        def format_help(self, ctx, formatter):
+            if self.epilog is None:
+                self.epilog = _keys_epilog(module, name)
+            return super().format_help(ctx, formatter)
+
+    return KeysHelpCommand
+
+
 def _given(**flags: Any) -> dict[str, Any]:
     """Flags the user actually passed (None means 'not given')."""
     return {k: v for k, v in flags.items() if v is not None}
@@ -103,7 +117,7 @@ def toy_corpus(out_dir: Path = typer.Argument(..., help="Directory for videos/, 
     typer.echo(f"toy corpus written to {out_dir}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
 
-@app.command("extract", epilog=_keys_epilog("dualfocus.extract.config", "ExtractConfig"))
+@app.command("extract", cls=_keys_help("dualfocus.extract.config", "ExtractConfig"))
 @friendly_errors
 def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/JSON/JSONL/Parquet with video_id, path."),
             overrides: Optional[list[str]] = OverridesArg,
@@ -183,7 +197,7 @@ def migrate(store: str = typer.Argument(..., help="A feature store written befor
     typer.echo(f"{store}: moved {', '.join(moved)} into groups/eva/" if moved else f"{store} is already format 2")
 
 
-@app.command("train", epilog=_keys_epilog("dualfocus.train.config", "TrainConfig"))
+@app.command("train", cls=_keys_help("dualfocus.train.config", "TrainConfig"))
 @friendly_errors
 def train(store: str = typer.Argument(..., help="Feature store written by `dualfocus extract`."),
           annotations: str = typer.Argument(..., help="Training QA: VideoInstruct JSON or JSONL."),
@@ -288,7 +302,7 @@ def ask(video: str = typer.Argument(..., help="A video file."),
     typer.echo(run_ask(video, question, cfg))
 
 
-@app.command("compare", epilog=_keys_epilog("dualfocus.compare.config", "CompareConfig"))
+@app.command("compare", cls=_keys_help("dualfocus.compare.config", "CompareConfig"))
 @friendly_errors
 def compare(store: str = typer.Argument(..., help="Feature store holding every stream the connectors read."),
             train_qa: str = typer.Argument(..., help="Training QA: VideoInstruct JSON or JSONL."),

@@ -117,3 +117,22 @@ def test_field_docs_are_read_from_the_class_body():
     keys = {k for k, _, _ in describe_keys(ExtractConfig)}
     assert {"decode.fps", "store.format", "ray.gpus_per_actor", "max_failures"} <= keys
     assert all(doc for _, _, doc in describe_keys(TrainConfig)), "every train config field needs a doc line"
+
+
+def test_stage_help_lists_its_keys_and_the_cli_imports_no_torch_until_asked():
+    """`dualfocus train --help` ends with every train key; importing the CLI (what `--help`, `score`, `inspect`
+    pay before their own work) leaves torch unimported: the keys are gathered only when help is shown."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from dualfocus.cli import app
+
+    probe = "import sys, dualfocus.cli; print(sorted(m for m in ('torch', 'zarr', 'ray') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
+    shown = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "Config keys" in shown.output
+    assert {"data.batch_size", "optim.gate_lr_scale", "connector.name"} <= set(shown.output.split())
