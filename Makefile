@@ -35,8 +35,12 @@ compare: setup
 	$(DF) compare $(CMP)/store $(CMP)/toy/train.json $(CMP)/toy/test_q.json $(CMP)/toy/test_a.json \
 	  --model $(CMP)/tiny-model --out $(CMP)/results --max-steps 1200 --batch-size 4
 
+# Two pytest-xdist workers (one per core here); each test file stays on one worker so its module fixtures are
+# built once, and files start in collection order (tests/conftest.py puts the longest first) rather than xdist's
+# most-tests-first. TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

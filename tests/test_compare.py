@@ -15,6 +15,8 @@ from dualfocus.compare.run import DONE, MISSING, Row, _differences, chance_row, 
 from dualfocus.compare.table import header, question_types, render_markdown
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.long(minutes=2)
+
 
 def _row(name: str, per_type: dict, **kw) -> Row:
     return Row(name, DONE, accuracy=0.5, per_type=per_type, trainable_params=1234, visual_tokens=64.0,

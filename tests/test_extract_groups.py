@@ -18,6 +18,8 @@ from dualfocus.extract.decode_worker import HANG_ENV
 from dualfocus.store import FeatureStore
 from dualfocus.store.manifest import latest, read_all
 
+pytestmark = pytest.mark.long(minutes=3)
+
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory) -> dict[str, Path]:

@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 
 from dualfocus.pipeline.toy import COLORS, DIRECTIONS, SHAPES
+
+pytestmark = pytest.mark.long(minutes=4)
 
 REPO = Path(__file__).resolve().parent.parent
 CLIPS = 100

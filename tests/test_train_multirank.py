@@ -20,6 +20,8 @@ from conftest import copy_store_with_overflow
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.long(minutes=2)
+
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 DRIVER = Path(__file__).resolve().parent / "two_rank_driver.py"

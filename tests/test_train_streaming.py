@@ -23,6 +23,8 @@ from dualfocus.data.batch import collate
 from dualfocus.data.samples import FeatureQADataset, Tokenised
 from dualfocus.train.streaming import StreamingQADataset, buffer_shuffle, wants_streaming
 
+pytestmark = pytest.mark.long(minutes=3)
+
 REPO = Path(__file__).resolve().parent.parent
 P, M, D = 3, 2, 4                       # semantic tokens, motion tokens, width
 LENGTHS = [5, 9, 2, 7, 12, 3, 6, 8, 4, 10, 11, 1, 6, 7]   # frames per video; several above MAX_FRAMES
