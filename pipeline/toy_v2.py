@@ -10,19 +10,25 @@ clip kind          what the clip shows                                          
 ``plain``          v1: one shape crossing the frame, 3-5 s                      ``color`` ``shape``
                                                                                 ``direction`` (as v1)
 ``colour_change``  v1's motion, but the shape switches colour once, at a        ``colour_start``
-                   random frame in the middle third, 4-6 s                      ``colour_end`` (colours)
+                   random frame in the middle third, 4-6 s                      ``colour_end`` (colours),
+                                                                                ``shape`` ``direction``
 ``order``          two shapes of distinct colours appear one after the other    ``order`` (shape)
                    (first in the first 20 % of the clip, second at 40-60 %) and
                    stay put, 4-6 s
-``count``          one shape moving back and forth, reversing at the frame      ``count`` (one two three)
-                   edge k = 1..3 times, 5-7 s whatever k
+``count``          one shape moving back and forth, reversing at the frame      ``count`` (one two three),
+                   edge k = 1..3 times, 5-7 s whatever k                        ``color`` ``shape``
 ``long``           120-130 s: the shape sits still except for one 6-10 s        ``long_direction``
-                   segment at a random time where it crosses the frame          (direction)
+                   segment at a random time where it crosses the frame          (direction), ``color``
+                                                                                ``shape``
 =================  ==========================================================  =========================
 
+A clip is asked v1's questions too wherever they have one answer (``QUESTION_TYPES``): about 2.8 questions a clip
+instead of 1.7, so a connector meets colours and shapes on every kind of clip, the ground its time questions
+stand on.
+
 Every answer is one word the tiny model's tokenizer holds as one token (colours, shapes, directions,
-one/two/three). Answers are balanced per type: each split deals every kind's attributes from
-reshuffled cycles, as v1 does. Files and layout are v1's (``videos/toy2_00000.mp4``, ``train.json``,
+one/two/three). Answers are balanced per clip kind and type: each split deals every kind's attributes
+from reshuffled cycles, as v1 does. Files and layout are v1's (``videos/toy2_00000.mp4``, ``train.json``,
 ``test_q.json``, ``test_a.json``, ``corpus.csv``), so extract, train, generate and score run unchanged.
 
 Each clip is described by a JSON-able dict (its kind, attributes, the frames where things happen and
@@ -67,8 +73,12 @@ QUESTIONS_V2: dict[str, tuple[str, ...]] = {
     ),
     "long_direction": QUESTIONS["direction"],
 }
-QUESTION_TYPES = {"plain": ("color", "shape", "direction"), "colour_change": ("colour_start", "colour_end"),
-                  "order": ("order",), "count": ("count",), "long": ("long_direction",)}
+QUESTION_TYPES = {"plain": ("color", "shape", "direction"),
+                  "colour_change": ("colour_start", "colour_end", "shape", "direction"),
+                  "order": ("order",), "count": ("count", "color", "shape"), "long": ("long_direction", "color", "shape")}
+"""The question types each clip kind is asked: its own, and v1's wherever the clip gives them one answer (not
+colour on a clip that changes colour, nor direction on one that bounces, nor anything single-shape when two are
+shown)."""
 
 
 def make_toy_corpus_v2(
@@ -207,7 +217,8 @@ def _deal_clips(rng: np.random.Generator, n: int, long_fraction: float, fps: int
             n_frames = int(rng.integers(4 * fps, 6 * fps + 1))
             change = int(rng.integers(math.ceil(n_frames / 3), 2 * n_frames // 3 + 1))
             clip.update(colors=list(a["colors"]), shape=a["shapes"][0], direction=a["direction"], change_frame=change)
-            answers = {"colour_start": a["colors"][0], "colour_end": a["colors"][1]}
+            answers = {"colour_start": a["colors"][0], "colour_end": a["colors"][1], "shape": a["shapes"][0],
+                       "direction": a["direction"]}
         elif kind == "order":
             n_frames = int(rng.integers(4 * fps, 6 * fps + 1))
             appear = [int(rng.integers(0, round(0.2 * n_frames) + 1)),
@@ -220,14 +231,14 @@ def _deal_clips(rng: np.random.Generator, n: int, long_fraction: float, fps: int
             legs = [float(rng.uniform(0.05, 0.45)), a["bounces"] + float(rng.uniform(0.3, 0.8))]
             clip.update(color=a["colors"][0], shape=a["shapes"][0], bounces=a["bounces"], legs=legs,
                         horizontal=bool(rng.integers(2)), reverse=bool(rng.integers(2)))
-            answers = {"count": NUMBERS[a["bounces"] - 1]}
+            answers = {"count": NUMBERS[a["bounces"] - 1], "color": a["colors"][0], "shape": a["shapes"][0]}
         else:  # long
             n_frames = int(rng.integers(LONG_SECONDS[0] * fps, LONG_SECONDS[1] * fps + 1))
             move = int(rng.integers(6 * fps, 10 * fps + 1))
             start = int(rng.integers(0, n_frames - move + 1))
             clip.update(color=a["colors"][0], shape=a["shapes"][0], direction=a["direction"],
                         move_frames=[start, start + move])
-            answers = {"long_direction": a["direction"]}
+            answers = {"long_direction": a["direction"], "color": a["colors"][0], "shape": a["shapes"][0]}
         clip["n_frames"] = n_frames
         clip["answers"] = answers
         clips.append(clip)

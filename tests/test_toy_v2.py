@@ -99,17 +99,37 @@ def test_every_question_type_in_both_splits_with_one_word_answers(corpus):
     assert all(set(c["answers"]) == set(QUESTION_TYPES[c["kind"]]) for c in by_clip.values())
 
 
-def test_answers_are_balanced_per_type():
+def test_answers_are_balanced_per_kind_and_type():
     clips = _deal_clips(np.random.default_rng(0), 400, 0.1, 10)
-    counts: dict[str, Counter] = {}
+    counts: dict[tuple[str, str], Counter] = {}
     for clip in clips:
         for qtype, answer in clip["answers"].items():
-            counts.setdefault(qtype, Counter())[answer] += 1
-    assert set(counts) == set(ANSWERS)
-    for qtype, counter in counts.items():
-        assert set(counter) == ANSWERS[qtype], qtype
+            counts.setdefault((clip["kind"], qtype), Counter())[answer] += 1
+    assert {qtype for _, qtype in counts} == set(ANSWERS)
+    assert set(counts) == {(kind, qtype) for kind, types in QUESTION_TYPES.items() for qtype in types}
+    for (kind, qtype), counter in counts.items():
+        assert set(counter) == ANSWERS[qtype], (kind, qtype)
         spread = max(counter.values()) - min(counter.values())
-        assert spread <= 1, (qtype, counter)  # dealt from reshuffled cycles
+        assert spread <= 1, (kind, qtype, counter)  # dealt from reshuffled cycles
+
+
+def test_v1_questions_on_other_kinds_are_what_the_frames_show(corpus):
+    """A count or long clip's colour and shape, a colour-change clip's shape and direction: one answer each, the
+    one the frames show (the mask's mean colour and fill, the centroid's way from first to last frame)."""
+    _, summary = corpus
+    step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+    asked = [c for c in summary["clips"] if c["kind"] in ("colour_change", "count", "long")]
+    assert {c["kind"] for c in asked} == {"colour_change", "count", "long"}
+    for clip in asked:
+        frames = list(clip_frames(clip, SIZE))
+        answers = clip["answers"]
+        middle = frames[len(frames) // 2]
+        assert _shape(_mask(middle)) == answers["shape"], clip
+        if "color" in answers:
+            assert {_colour(f, _mask(f)) for f in (frames[0], middle, frames[-1])} == {answers["color"]}, clip
+        if "direction" in answers:
+            centroids = [np.argwhere(_mask(frames[k]))[:, ::-1].mean(0) for k in (0, -1)]  # (x, y)
+            assert np.dot(centroids[1] - centroids[0], step[answers["direction"]]) > SIZE / 3, clip
 
 
 def test_colour_change_happens_at_the_recorded_frame(corpus):
