@@ -24,7 +24,7 @@ CMP ?= dualfocus-compare
 DF := $(VENV)/bin/dualfocus
 compare: setup
 	test -f $(CMP)/toy/test_a.json || $(DF) toy-corpus $(CMP)/toy --kind v2 --videos 200 --seed 0
-	test -f $(CMP)/tiny-model/config.json || $(DF) init-tiny $(CMP)/tiny-model
+	test -f $(CMP)/tiny-model/config.json || $(DF) init-tiny $(CMP)/tiny-model --reading-steps 1000
 	test -f $(CMP)/tiny-siglip/config.json || $(DF) init-tiny $(CMP)/tiny-siglip --family siglip
 	test -f $(CMP)/tiny-dino/config.json || $(DF) init-tiny $(CMP)/tiny-dino --family dinov2
 	$(DF) extract $(CMP)/toy/videos --out $(CMP)/store --model $(CMP)/tiny-model \
