@@ -89,6 +89,12 @@ def make_reading_sample(rng) -> ReadingSample:
     return ReadingSample(words, question, answer)
 
 
+def _prompt(builder, sample: ReadingSample):
+    """The training prompt's pieces for ``sample`` (``PromptBuilder`` output) and its passage's token ids, which
+    stand where the visual tokens go: between ``prefix`` and ``suffix``."""
+    return builder(sample.question, sample.answer), builder._encode(" " + " ".join(sample.words))
+
+
 def _batch(samples: list[ReadingSample], builder):
     """Token ids, attention mask, labels and the passage's filler and content positions ([B, L] each) of
     prompts with each passage where the video goes."""
@@ -99,8 +105,7 @@ def _batch(samples: list[ReadingSample], builder):
     filler_ids = {i for w in _FILLER for i in builder._encode(" " + w)}
     rows = []
     for s in samples:
-        pieces = builder(s.question, s.answer)
-        passage = builder._encode(" " + " ".join(s.words))
+        pieces, passage = _prompt(builder, s)
         ids = pieces.prefix + passage + pieces.suffix + pieces.answer
         labels = [IGNORE_INDEX] * (len(ids) - len(pieces.answer)) + pieces.answer
         where = [0] * len(pieces.prefix) + [1 + (i in filler_ids) for i in passage]  # 1 content, 2 filler
@@ -146,8 +151,8 @@ def reading_accuracy(llm, tokenizer, samples: list[ReadingSample]) -> float:
     right = 0
     with torch.no_grad():
         for s in samples:
-            pieces = builder(s.question, s.answer)
-            ids = pieces.prefix + builder._encode(" " + " ".join(s.words)) + pieces.suffix
+            pieces, passage = _prompt(builder, s)
+            ids = pieces.prefix + passage + pieces.suffix
             logits = llm(input_ids=torch.tensor([ids])).logits[0, -1]
             right += int(int(logits.argmax()) == pieces.answer[0])
     return right / len(samples)
