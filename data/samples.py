@@ -176,12 +176,15 @@ class FeatureQADataset(torch.utils.data.Dataset):
     """Map-style dataset over tokenised samples; the ``streams`` are read from the store on demand."""
 
     def __init__(self, store_path: str, samples: list[Tokenised], max_frames: int | None,
-                 streams: Sequence[str] = ("semantic", "spatiotemporal")):
+                 streams: Sequence[str] = ("semantic", "spatiotemporal"), cache_mb: int = 0):
+        from dualfocus.data.read_cache import ReadCache
+
         self.store_path = store_path
         self.streams = tuple(streams)
         self.samples = samples
         self.max_frames = max_frames
         self._store = None  # opened lazily, once per worker process
+        self._cache = ReadCache(cache_mb << 20)  # each worker process fills its own copy
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -192,9 +195,16 @@ class FeatureQADataset(torch.utils.data.Dataset):
         if self._store is None:
             self._store = FeatureStore.open(self.store_path)
         s = self.samples[i]
-        feats = self._store.read(s.video_id, frames_to_read(s, self.max_frames), streams=self.streams)
-        # each stream [t, ...] (e.g. DualFocus: semantic [t, P, d_v], spatiotemporal [t, M, d_v])
-        out = {name: torch.from_numpy(np.asarray(feats[name], dtype=np.float32)) for name in self.streams}
+        frames = frames_to_read(s, self.max_frames)
+        key = (s.video_id, frames.tobytes())
+        feats = self._cache.get(key)
+        if feats is None:
+            read = self._store.read(s.video_id, frames, streams=self.streams)
+            feats = {name: read[name] for name in self.streams}
+            self._cache.put(key, feats)
+        # each stream [t, ...] (e.g. DualFocus: semantic [t, P, d_v], spatiotemporal [t, M, d_v]); a copy, so
+        # nothing downstream can write into a cached array
+        out = {name: torch.from_numpy(np.array(feats[name], dtype=np.float32)) for name in self.streams}
         return {**out, "sample": s, "index": i}
 
 

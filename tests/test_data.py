@@ -139,6 +139,46 @@ def test_dataset_reads_the_stored_frames_subsampled(prepared, toy_store):
     assert FeatureQADataset(str(toy_store), prepared.samples, max_frames=None)[long]["semantic"].shape[0] == 5
 
 
+def test_read_cache_keeps_within_its_bound_and_freezes_what_it_keeps():
+    from dualfocus.data.read_cache import ReadCache
+
+    cache = ReadCache(max_bytes=3000)
+    a = {"x": np.zeros((10, 100), np.float16)}  # 2000 bytes
+    cache.put("a", a)
+    cache.put("b", {"x": np.zeros((10, 100), np.float16)})  # would make 4000: not kept
+    assert cache.get("a") is a and cache.get("b") is None and (cache.hits, cache.misses) == (1, 1)
+    assert cache.bytes == 2000 and not a["x"].flags.writeable
+    cache.put("c", {"x": np.zeros(500, np.float16)})  # 1000 more still fits
+    assert cache.get("c") is not None and cache.bytes == 3000
+    nothing = ReadCache(0)
+    nothing.put("a", {"x": np.zeros(1, np.float16)})
+    assert nothing.get("a") is None
+    with pytest.raises(ValueError, match="max_bytes"):
+        ReadCache(-1)
+
+
+def test_cached_reads_equal_store_reads_and_are_private_copies(prepared, toy_store, monkeypatch):
+    from dualfocus.store import FeatureStore
+
+    plain = FeatureQADataset(str(toy_store), prepared.samples, max_frames=3)
+    cached = FeatureQADataset(str(toy_store), prepared.samples, max_frames=3, cache_mb=64)
+    n = len(prepared.samples)
+    stored = [plain[i] for i in range(n)]
+    for i in range(n):  # first epoch: reads the store, fills the cache
+        x = cached[i]
+        assert all(x[key].equal(stored[i][key]) for key in ("semantic", "spatiotemporal"))
+    monkeypatch.setattr(FeatureStore, "read", lambda *a, **k: pytest.fail("a cached sample read the store"))
+    for i in reversed(range(n)):  # second epoch: every sample from RAM, the same numbers
+        x = cached[i]
+        assert all(x[key].equal(stored[i][key]) for key in ("semantic", "spatiotemporal"))
+    first = cached[0]
+    first["semantic"].add_(1.0)  # a consumer writing into its batch must not change the next read
+    assert cached[0]["semantic"].equal(stored[0]["semantic"])
+    videos = {s.video_id for s in prepared.samples}
+    assert len(cached._cache._entries) == len(videos) < n  # the questions of one video share one entry
+    assert (cached._cache.misses, cached._cache.hits) == (len(videos), 2 * n + 2 - len(videos))
+
+
 def test_collate_pads_frames_and_question_ids(prepared, toy_store):
     dataset = FeatureQADataset(str(toy_store), prepared.samples, max_frames=None)
     frames = [s.n_frames for s in prepared.samples]

@@ -285,7 +285,8 @@ def run_train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     if streaming:  # the dataset yields whole batches
         dataset.position, batching = position, {"batch_size": None}
     else:
-        dataset = FeatureQADataset(cfg.store, prepared.samples, cfg.data.max_frames, tuple(expected))
+        dataset = FeatureQADataset(cfg.store, prepared.samples, cfg.data.max_frames, tuple(expected),
+                                   cache_mb=cfg.data.cache_mb)
         batching = {"batch_sampler": ResumableBatches(len(prepared.samples), cfg.data.batch_size, cfg.seed,
                                                       cfg.data.shuffle, rank, world, position=position)}
     # The loader gets its own generator: starting an iterator draws a worker seed, and drawing it from the
