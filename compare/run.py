@@ -7,14 +7,19 @@ training run continues from its last checkpoint, ``generate`` skips the question
 connector whose streams the store lacks gets a row saying so, with the extract command that adds them, and
 the others still run; so does one whose training fails.
 
-Training runs in a child process (spawned, one at a time) so each connector's peak memory is its own.
+Training runs in a child process (spawned, one at a time) so each connector's peak memory is its own. On Linux
+the child asks the kernel for SIGTERM when the compare process dies, so killing ``dualfocus compare`` (SIGTERM
+from a scheduler, SIGKILL) never leaves a training run going on its own.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
+import signal
 import statistics
+import sys
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,9 +112,23 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def train_in_child(tcfg, resume: bool, progress: bool, figures_path: str) -> None:
+def exit_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
+    if the parent ``parent_pid`` is already gone, terminate now. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # died between the spawn and the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def train_in_child(tcfg, resume: bool, progress: bool, figures_path: str, parent_pid: int) -> None:
     """Runs in a spawned process: ``run_train``, then its figures and this process's peak memory to
-    ``figures_path`` (JSON)."""
+    ``figures_path`` (JSON). Ends with the process ``parent_pid`` (``exit_with_parent``)."""
+    exit_with_parent(parent_pid)
     import torch
 
     from dualfocus.train.loop import run_train
@@ -143,7 +162,7 @@ def train_connector(tcfg, figures_path: Path, progress: bool) -> dict:
     if figures_path.is_file() and (run / "final" / "dualfocus.json").is_file():
         return json.loads(figures_path.read_text())
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(train_in_child, tcfg, resume, progress, str(figures_path)).result()
+        pool.submit(train_in_child, tcfg, resume, progress, str(figures_path), os.getpid()).result()
     return json.loads(figures_path.read_text())
 
 

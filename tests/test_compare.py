@@ -117,3 +117,63 @@ def test_compare_cli_reports_missing_stream_then_resumes(toy_store: Path, toy_co
 
     changed = run_cli(*[a if a != "3" else "4" for a in args], check=False)
     assert changed.returncode == 2 and "train.max_steps (3 -> 4)" in changed.stdout + changed.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == pid and state != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+def test_killing_compare_stops_its_training_child(toy_store: Path, toy_corpus: Path, tiny_model: Path,
+                                                  tmp_path: Path):
+    """SIGTERM to the compare process alone (a scheduler, `kill PID`) ends the training child it spawned too."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import dualfocus_command
+
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen([*dualfocus_command(), "compare", str(toy_store), str(toy_corpus / "train.json"),
+                             str(toy_corpus / "test_q.json"), str(toy_corpus / "test_a.json"), "--model",
+                             str(tiny_model), "--out", str(out), "--connectors", "dualfocus", "--max-steps", "100000",
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    trainers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "dualfocus" / "run" / "train_config.yaml").is_file():  # the child's run has begun
+            assert proc.poll() is None and time.monotonic() < deadline, "compare ended or never started training"
+            time.sleep(0.5)
+        trainers = _children(proc.pid)
+        assert trainers, "no training child found"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in trainers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in trainers), "the training child outlived compare"
+    finally:
+        for pid in [proc.pid, *trainers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
