@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--reading-steps", type=int, default=0,
                     help="init-tiny --reading-steps: text-only reading practice for the tiny LLM (0: random LLM)")
     args = ap.parse_args()
+    args.config = str(Path(args.config).resolve())  # the stages run in the pair's directory
 
     pairs = parse_pairs(args.seeds) if args.seeds else [(args.seed, args.seed)]
     work = args.dir or Path(tempfile.mkdtemp(prefix="dualfocus-toy-"))
