@@ -1,9 +1,10 @@
-"""Shared fixtures: the tiny random model and a small toy corpus, built once per test session,
-and ``run_cli`` which runs the real ``dualfocus`` console script in a subprocess."""
+"""Shared fixtures: the tiny random model and a small toy corpus, built once per test run (under xdist, once
+for all workers), and ``run_cli`` which runs the real ``dualfocus`` console script in a subprocess."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,12 +44,32 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: fl
     return proc
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder) -> Path`` run once per test run: under xdist the first worker to take the lock builds into the
+    run's common temp folder and the others wait, then reuse it (the fixtures are read-only to the tests that use
+    them; a test that changes one copies it first). Without xdist it builds into this session's temp folder."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "shared"  # the folder every worker's basetemp sits in
+    root.mkdir(exist_ok=True)
+    done = root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            folder = root / name
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way in another worker
+            folder.mkdir()
+            done.write_text(str(build(folder)))
+        return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random InstructBLIP-layout model directory (written by the library, as init-tiny does)."""
     from dualfocus.pipeline.tiny import write_tiny_model
 
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return built_once(tmp_path_factory, "tiny", lambda folder: write_tiny_model(folder / "model"))
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +77,11 @@ def toy_corpus(tmp_path_factory) -> Path:
     """A 12-clip toy corpus (videos/, train.json, test_q.json, test_a.json, corpus.csv)."""
     from dualfocus.pipeline.toy import make_toy_corpus
 
-    out = tmp_path_factory.mktemp("toy") / "toy"
-    make_toy_corpus(out, n_videos=12, seed=3)
-    return out
+    def build(folder: Path) -> Path:
+        make_toy_corpus(folder / "toy", n_videos=12, seed=3)
+        return folder / "toy"
+
+    return built_once(tmp_path_factory, "toy", build)
 
 
 @pytest.fixture(scope="session")
@@ -68,12 +91,14 @@ def toy_store(tmp_path_factory, tiny_model, toy_corpus) -> Path:
     from dualfocus.extract.run import run_extract
     from dualfocus.pipeline.config import load_config
 
-    out = tmp_path_factory.mktemp("store") / "store"
-    cfg = load_config(ExtractConfig, values={"corpus": str(toy_corpus / "videos"), "model": str(tiny_model),
-                                             "out": str(out)})
-    summary = run_extract(cfg, progress=False)
-    assert summary.ok == 12 and summary.failed == 0
-    return out
+    def build(folder: Path) -> Path:
+        cfg = load_config(ExtractConfig, values={"corpus": str(toy_corpus / "videos"), "model": str(tiny_model),
+                                                 "out": str(folder / "store")})
+        summary = run_extract(cfg, progress=False)
+        assert summary.ok == 12 and summary.failed == 0
+        return folder / "store"
+
+    return built_once(tmp_path_factory, "store", build)
 
 
 @pytest.fixture(scope="session")
@@ -81,8 +106,15 @@ def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
     """Tiny random SigLIP and DINOv2 towers (what `init-tiny --family` writes), for LongVU's two groups."""
     from dualfocus.encoders.tiny import write_tiny_encoder
 
-    root = tmp_path_factory.mktemp("encoders")
-    return {family: write_tiny_encoder(root / family, family) for family in ("siglip", "dinov2")}
+    families = ("siglip", "dinov2")
+
+    def build(folder: Path) -> Path:
+        for family in families:
+            write_tiny_encoder(folder / family, family)
+        return folder
+
+    root = built_once(tmp_path_factory, "encoders", build)
+    return {family: root / family for family in families}
 
 
 @pytest.fixture(scope="session")
@@ -91,14 +123,16 @@ def streams_store(tmp_path_factory, toy_corpus, tiny_model, tiny_encoders) -> Pa
     groups; encoder groups in float32): eva (semantic, spatiotemporal), qavit (cut = hidden[1], QA-ViT's input: the
     tiny tower has 3 blocks), slowfast (grid = grid@8x8), siglip and dino (grid = grid@8x8, LongVU's) and pixels
     (112 px frames and boxes, Video-Panda's)."""
-    out = tmp_path_factory.mktemp("streams") / "store"
-    run_cli("extract", toy_corpus / "videos", "--out", out, "--model", tiny_model,
-            "--encoder", f"qavit={tiny_model}", "encoders.qavit.taps.cut=hidden[1]",
-            "--encoder", f"slowfast={tiny_model}", "encoders.slowfast.taps.grid=grid@8x8",
-            "--encoder", f"siglip={tiny_encoders['siglip']}", "encoders.siglip.taps.grid=grid@8x8",
-            "--encoder", f"dino={tiny_encoders['dinov2']}", "encoders.dino.taps.grid=grid@8x8",
-            "--pixels", "112", "store.dtype=float32", "--no-progress")
-    return out
+    def build(folder: Path) -> Path:
+        run_cli("extract", toy_corpus / "videos", "--out", folder / "store", "--model", tiny_model,
+                "--encoder", f"qavit={tiny_model}", "encoders.qavit.taps.cut=hidden[1]",
+                "--encoder", f"slowfast={tiny_model}", "encoders.slowfast.taps.grid=grid@8x8",
+                "--encoder", f"siglip={tiny_encoders['siglip']}", "encoders.siglip.taps.grid=grid@8x8",
+                "--encoder", f"dino={tiny_encoders['dinov2']}", "encoders.dino.taps.grid=grid@8x8",
+                "--pixels", "112", "store.dtype=float32", "--no-progress")
+        return folder / "store"
+
+    return built_once(tmp_path_factory, "streams", build)
 
 
 def connector_data(cfg, store: Path, qa: Path, model: Path, max_frames: int | None):
