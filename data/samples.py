@@ -202,10 +202,16 @@ class FeatureQADataset(torch.utils.data.Dataset):
             read = self._store.read(s.video_id, frames, streams=self.streams)
             feats = {name: read[name] for name in self.streams}
             self._cache.put(key, feats)
-        # each stream [t, ...] (e.g. DualFocus: semantic [t, P, d_v], spatiotemporal [t, M, d_v]); a copy, so
-        # nothing downstream can write into a cached array
-        out = {name: torch.from_numpy(np.array(feats[name], dtype=np.float32)) for name in self.streams}
+        # each stream [t, ...] (e.g. DualFocus: semantic [t, P, d_v], spatiotemporal [t, M, d_v])
+        out = {name: torch.from_numpy(_float32_writable(feats[name])) for name in self.streams}
         return {**out, "sample": s, "index": i}
+
+
+def _float32_writable(array: np.ndarray) -> np.ndarray:
+    """``array`` as float32 the caller may write to: converted (a new array) from the stored dtype, and copied only
+    when it is float32 already and read-only (an array the read cache keeps)."""
+    out = np.asarray(array, dtype=np.float32)
+    return out if out.flags.writeable else out.copy()
 
 
 def tokenise(items: list[QAItem], n_frames: dict[str, int], prompt, qformer_tokenizer, with_answers: bool,

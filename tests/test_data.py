@@ -179,6 +179,18 @@ def test_cached_reads_equal_store_reads_and_are_private_copies(prepared, toy_sto
     assert (cached._cache.misses, cached._cache.hits) == (len(videos), 2 * n + 2 - len(videos))
 
 
+def test_float32_conversion_copies_only_read_only_float32_arrays():
+    from dualfocus.data.samples import _float32_writable
+
+    half = np.ones((2, 3), np.float16)
+    assert _float32_writable(half).dtype == np.float32 and _float32_writable(half).flags.writeable
+    single = np.ones((2, 3), np.float32)
+    assert _float32_writable(single) is single  # a float32 store read is used as it is: no copy on the hot path
+    single.flags.writeable = False  # as the read cache keeps it
+    private = _float32_writable(single)
+    assert private is not single and private.flags.writeable and np.array_equal(private, single)
+
+
 def test_collate_pads_frames_and_question_ids(prepared, toy_store):
     dataset = FeatureQADataset(str(toy_store), prepared.samples, max_frames=None)
     frames = [s.n_frames for s in prepared.samples]
