@@ -44,6 +44,15 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: fl
     return proc
 
 
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, pgrp, session, ...), or None when
+    the process is gone (Linux)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """``build(folder) -> Path`` run once per test run: under xdist the first worker to take the lock builds into the
     run's common temp folder and the others wait, then reuse it (the fixtures are read-only to the tests that use

@@ -13,7 +13,7 @@ import pytest
 from dualfocus.compare.config import CompareConfig
 from dualfocus.compare.run import DONE, MISSING, Row, _differences, chance_row, mean_visual_tokens
 from dualfocus.compare.table import header, question_types, render_markdown
-from tests.conftest import run_cli
+from tests.conftest import proc_stat, run_cli
 
 pytestmark = pytest.mark.long(minutes=2)
 
@@ -123,22 +123,15 @@ def _children(pid: int) -> list[int]:
     """Live (not zombie) processes whose parent is ``pid`` (Linux /proc)."""
     out = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-            if int(ppid) == pid and state != "Z":
-                out.append(int(entry.name))
+        fields = proc_stat(entry.name) if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry.name))
     return out
 
 
 def _alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dualfocus_command, run_cli
+from conftest import dualfocus_command, proc_stat, run_cli
 
 from dualfocus.extract.decode_worker import HANG_ENV
 from dualfocus.store import FeatureStore
@@ -25,13 +25,8 @@ def session_pids(sid: int) -> list[int]:
     """Processes of session ``sid`` (the killed command and what it started, Ray workers included)."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # fields after the name: state, ppid, pgrp, session, ...
+        fields = proc_stat(entry.name) if entry.name.isdigit() else None
+        if fields is not None and int(fields[3]) == sid:  # state, ppid, pgrp, session, ...
             pids.append(int(entry.name))
     return pids
 
