@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps 'lmms-eval>=0.7.3,<0.8'  # its deps as far as we use them: the lmms-core extra
 	touch $(STAMP)
 
 demo: setup

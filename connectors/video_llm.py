@@ -78,6 +78,21 @@ class VideoLLM(nn.Module):
                                            ignore_index=IGNORE_INDEX)
 
     @torch.no_grad()
+    def continuation_logprobs(self, batch: Batch) -> list[tuple[float, bool]]:
+        """Per sample of a batch with labels: (sum of the labelled tokens' log-probabilities, whether each of
+        them is the LLM's most likely token there), i.e. how likely, and whether greedy, the answer is."""
+        visual = self.connector.visual_tokens(batch, self.llm)
+        inputs = self.llm_inputs(visual, batch, with_labels=True)
+        with self.connector.decoder_inputs(visual.layer_inputs, inputs):
+            logits = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)                  # [b, S-1, vocab]
+        labels = inputs.labels[:, 1:]
+        scored = labels != IGNORE_INDEX
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)   # [b, S-1]
+        greedy = (logp.argmax(-1) == labels) | ~scored
+        return [(float(picked[i][scored[i]].sum()), bool(greedy[i].all())) for i in range(labels.shape[0])]
+
+    @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 300, do_sample: bool = False, temperature: float = 0.9,
                  top_p: float = 0.6, eos_token_id: int | None = None, pad_token_id: int | None = None,
                  visual_counts: bool = False):

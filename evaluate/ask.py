@@ -9,7 +9,7 @@ greedy decoding, gives the same answer for the same video and question.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -177,59 +177,9 @@ def group_of(fingerprint: dict, group: str | None) -> dict:
 
 
 def run_ask(video: str, question: str, cfg: AskConfig) -> str:
-    """The connector's answer to ``question`` about ``video``."""
-    import torch
+    """The connector's answer to ``question`` about ``video`` (``VideoQA`` without a store)."""
+    from dualfocus.evaluate.video_qa import VideoQA
 
-    from dualfocus.connectors.export import read_export
-    from dualfocus.connectors.limits import ModelLimits, check_context_length
-    from dualfocus.connectors.prompt import PromptBuilder
-    from dualfocus.data.batch import collate
-    from dualfocus.connectors.export import connector_system
-    from dualfocus.connectors.registry import frame_planner
-    from dualfocus.data.samples import frames_to_read, tokenise
-    from dualfocus.evaluate.predictor import Predictor, check_export_matches, inference_dtype
-    from dualfocus.pipeline.devices import resolve_device
-    from dualfocus.pipeline.errors import UserError
-    from dualfocus.pipeline.models import load_llm_tokenizer, load_qformer_tokenizer
-    from dualfocus.pipeline.qa import QAItem
-
-    meta, _ = read_export(cfg.checkpoint)
-    model_dir = check_export_matches(meta, cfg.model, None, cfg.checkpoint)
-    groups = stream_groups(meta.store_fingerprint, meta.streams)
-    if None in groups and len(groups) > 1:
-        raise UserError(f"{Path(cfg.checkpoint) / 'dualfocus.json'}: cannot tell which group of store_fingerprint "
-                        f"holds {', '.join(groups[None])}")
-    fingerprints = {group: group_of(meta.store_fingerprint, group) for group in groups}
-    settings = {group: frame_settings(meta.store_fingerprint, cfg.checkpoint, group) for group in groups
-                if fingerprints[group].get("kind") != "pixels"}
-    encoders = {group: encoder_dir(fingerprints[group], model_dir, meta.base_model_hash, cfg.checkpoint)
-                for group in settings}
-    resolve_device(cfg.device)                      # settings that cannot run fail before the video is decoded
-    inference_dtype(meta, cfg.llm_dtype, cfg.checkpoint)
-    system, connector_cfg = connector_system(meta, cfg.checkpoint)
-    taps = system.expected_taps(connector_cfg, model_dir)  # the cut of its encoder each stream is
-    features = {}
-    for group, streams in groups.items():
-        wanted = {stream: taps[stream] for stream in streams}
-        if group in settings:
-            features.update(video_features(video, encoders[group], settings[group], cfg.device, cfg.decode_timeout_s,
-                                           wanted))
-        else:
-            features.update(video_pixels(video, fingerprints[group], cfg.decode_timeout_s, wanted))
-    frames = min(len(f) for f in features.values())
-    q_tok = load_qformer_tokenizer(model_dir)
-    llm_tok = load_llm_tokenizer(model_dir)
-    item = QAItem(video_id=video, question=question, question_id="ask")
-    (sample,) = tokenise([item], {video: frames}, PromptBuilder(llm_tok), q_tok, with_answers=False,
-                         max_question_tokens=meta.max_question_tokens)
-    planner = frame_planner(system, connector_cfg, model_dir)  # as generate plans them from the store
-    if planner is not None:
-        (plan,) = planner(lambda _, wanted: {s: features[s] for s in wanted}, [sample])
-        sample = replace(sample, frames=None if plan is None else tuple(int(f) for f in plan))
-    keep = frames_to_read(sample, meta.max_frames)
-    check_context_length([sample], meta.max_frames, ModelLimits.of(model_dir), frames_key="the checkpoint's max_frames",
-                         tokens_per_frame=system.tokens_per_frame(connector_cfg, model_dir))
-    item_features = {stream: torch.from_numpy(f[keep]) for stream, f in features.items()}
-    batch = collate([{**item_features, "sample": sample, "index": 0}], q_tok.pad_token_id or 0,
-                    llm_tok.pad_token_id or 0)
-    return Predictor(cfg.checkpoint, model_dir, dtype=cfg.llm_dtype, device=cfg.device).answer(batch, cfg.sampling)[0]
+    qa = VideoQA(cfg.checkpoint, model=cfg.model, llm_dtype=cfg.llm_dtype, device=cfg.device,
+                 decode_timeout_s=cfg.decode_timeout_s)
+    return qa.answer([(video, question)], cfg.sampling)[0]

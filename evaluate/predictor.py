@@ -112,3 +112,8 @@ class Predictor:
                                           top_p=sampling.top_p, eos_token_id=self.tokenizer.eos_token_id,
                                           pad_token_id=self.tokenizer.pad_token_id, visual_counts=True)
         return [(self.tokenizer.decode(row, skip_special_tokens=True).strip(), n) for row, n in zip(ids, counts)]
+
+    @torch.no_grad()
+    def continuation_logprobs(self, batch) -> list[tuple[float, bool]]:
+        """(log-probability of each sample's labelled answer tokens, whether greedy decoding gives them)."""
+        return self.model.continuation_logprobs(batch.to(self.device, self.dtype))

@@ -111,6 +111,19 @@ def toy_store(tmp_path_factory, tiny_model, toy_corpus) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_model, toy_corpus, toy_store) -> Path:
+    """RUN_DIR/final of a 6-step run with the shipped tiny recipe on the toy store (read-only to tests)."""
+
+    def build(folder: Path) -> Path:
+        run_cli("train", toy_store, toy_corpus / "train.json", "--model", tiny_model, "--out", folder / "run",
+                "--config", "configs/train_tiny.yaml", "max_steps=6", "save_every=6", "data.batch_size=4",
+                "data.num_workers=0", cwd=Path(__file__).parent.parent)
+        return folder / "run" / "final"
+
+    return built_once(tmp_path_factory, "trained", build)
+
+
+@pytest.fixture(scope="session")
 def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
     """Tiny random SigLIP and DINOv2 towers (what `init-tiny --family` writes), for LongVU's two groups."""
     from dualfocus.encoders.tiny import write_tiny_encoder
@@ -164,8 +177,9 @@ def connector_data(cfg, store: Path, qa: Path, model: Path, max_frames: int | No
 
 
 def generate_then_ask(store: Path, export: Path, corpus: Path, work: Path) -> list[dict]:
-    """``generate --greedy`` on two test questions of ``corpus``, then ``ask`` on the first one's video: both
-    through the CLI from ``export`` alone; asserts they agree and returns the predictions."""
+    """``generate --greedy`` on two test questions of ``corpus``, then ``ask`` on the first one's video (both
+    through the CLI from ``export`` alone) and the lmms-eval model on it; asserts all three agree and returns
+    the predictions."""
     import json
 
     questions = json.loads((corpus / "test_q.json").read_text())[:2]
@@ -180,7 +194,24 @@ def generate_then_ask(store: Path, export: Path, corpus: Path, work: Path) -> li
     proc = run_cli("ask", video, rows[0]["question"], "--checkpoint", export, "--greedy", "sampling.max_new_tokens=3",
                    env=one_thread)
     assert proc.stdout.strip() == rows[0]["pred"].strip()
+    assert lmms_answer(export, video, rows[0]["question"], max_new_tokens=3) == rows[0]["pred"].strip()
     return rows
+
+
+def lmms_answer(export: Path, video: Path, question: str, max_new_tokens: int) -> str:
+    """The lmms-eval model's greedy answer (``evaluate/lmms_model.py``, called as lmms-eval calls it: one
+    ``generate_until`` Instance, the video from ``doc_to_visual``), from the raw video."""
+    from lmms_eval.api.instance import Instance
+
+    from dualfocus.evaluate.lmms_model import DualFocusLMM
+
+    lm = DualFocusLMM(checkpoint=str(export), batch_size="1", device="cpu")
+    lm.task_dict = {"toy": {"test": [{"video": str(video)}]}}
+    request = Instance(request_type="generate_until", idx=0, metadata={"task": "toy", "doc_id": 0, "repeats": 1},
+                       arguments=(question, {"max_new_tokens": max_new_tokens, "do_sample": False, "until": ["\n\n"]},
+                                  lambda doc: [doc["video"]], 0, "toy", "test"))
+    (answer,) = lm.generate_until([request])
+    return answer.strip()
 
 
 @pytest.fixture

@@ -11,16 +11,6 @@ import pytest
 from conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model, toy_corpus, toy_store) -> Path:
-    """RUN_DIR/final of a 6-step training run on the toy store."""
-    run = tmp_path_factory.mktemp("run") / "run"
-    run_cli("train", toy_store, toy_corpus / "train.json", "--model", tiny_model, "--out", run,
-            "--config", "configs/train_tiny.yaml", "max_steps=6", "save_every=6", "data.batch_size=4",
-            "data.num_workers=0", cwd=Path(__file__).parent.parent)
-    return run / "final"
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
