@@ -64,7 +64,8 @@ class DualFocusLMM(lmms):
         try:
             self.qa = VideoQA(str(checkpoint), model=model, store=store, llm_dtype=llm_dtype, device=device or "auto",
                               decode_timeout_s=float(decode_timeout_s),
-                              max_frames=None if max_frames is None else int(max_frames))
+                              max_frames=None if max_frames is None else int(max_frames),
+                              model_option="model=DIR in --model_args")
         except UserError as e:
             raise _fail(str(e)) from None
         self._checked: set[tuple[str, str]] = set()

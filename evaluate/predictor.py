@@ -38,16 +38,18 @@ class SamplingConfig:
         return problems
 
 
-def check_export_matches(meta, model_dir: str | None, store_fingerprint: dict | None, export_path) -> str:
+def check_export_matches(meta, model_dir: str | None, store_fingerprint: dict | None, export_path,
+                         model_option: str = "--model") -> str:
     """The base model directory to use; refuses a different base model or store fingerprint, naming both.
 
-    ``meta`` is the export's ``ExportMeta`` (``connectors/export.py``)."""
+    ``meta`` is the export's ``ExportMeta`` (``connectors/export.py``); ``model_option`` is how the caller's user
+    gives another base model directory (named when the recorded one is gone)."""
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.models import config_hash
 
     model_dir = model_dir or meta.base_model
     if not Path(model_dir).exists():
-        raise UserError(f"base model of {export_path} not found at {model_dir}; pass --model")
+        raise UserError(f"base model of {export_path} not found at {model_dir}; pass {model_option}")
     have = config_hash(model_dir)
     if have != meta.base_model_hash:
         raise UserError(f"checkpoint {export_path} was trained on base model {meta.base_model} "

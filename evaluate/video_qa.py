@@ -28,7 +28,7 @@ class VideoQA:
 
     def __init__(self, checkpoint: str, model: str | None = None, store: str | None = None,
                  llm_dtype: str | None = None, device: str = "auto", decode_timeout_s: float = 60.0,
-                 max_frames: int | None = None):
+                 max_frames: int | None = None, model_option: str = "--model"):
         from dualfocus.connectors.export import connector_system, read_export
         from dualfocus.connectors.prompt import PromptBuilder
         from dualfocus.connectors.registry import frame_planner
@@ -50,7 +50,7 @@ class VideoQA:
             self.store = FeatureStore.open(store)
             check_store_streams(self.store, meta.streams, store, model or meta.base_model)
             stored_fingerprint = self.store.fingerprint(meta.streams)
-        self.model_dir = check_export_matches(meta, model, stored_fingerprint, checkpoint)
+        self.model_dir = check_export_matches(meta, model, stored_fingerprint, checkpoint, model_option)
         self.groups = stream_groups(meta.store_fingerprint, meta.streams)
         if None in self.groups and len(self.groups) > 1:
             raise UserError(f"{Path(checkpoint) / 'dualfocus.json'}: cannot tell which group of store_fingerprint "

@@ -133,13 +133,30 @@ def test_lmms_eval_from_raw_videos_matches_the_store(tmp_path, toy_corpus, train
     assert answers == {q["question_id"]: preds[q["question_id"]] for q in some}
 
 
-@pytest.mark.parametrize("case", ["no export", "unknown key", "missing video"])
+def _edited_export(trained: Path, folder: Path, **changes) -> Path:
+    """A copy of ``trained`` whose dualfocus.json has ``changes``."""
+    import shutil
+
+    export = folder / "export"
+    shutil.copytree(trained, export)
+    record = json.loads((export / "dualfocus.json").read_text())
+    (export / "dualfocus.json").write_text(json.dumps({**record, **changes}))
+    return export
+
+
+@pytest.mark.parametrize("case", ["no export", "no base model", "unknown connector", "unknown key", "missing video"])
 def test_bad_input_ends_lmms_eval_with_one_line(tmp_path, toy_corpus, trained, case):
     questions = json.loads((toy_corpus / "test_q.json").read_text())[:2]
     model_args = f"checkpoint={trained}"
     video_dir = None
     if case == "no export":
         model_args, expected = f"checkpoint={tmp_path / 'nowhere'}", "no dualfocus export at"
+    elif case == "no base model":
+        export = _edited_export(trained, tmp_path, base_model=str(tmp_path / "gone"))
+        model_args, expected = f"checkpoint={export}", f"not found at {tmp_path / 'gone'}; pass model=DIR in --model_args"
+    elif case == "unknown connector":
+        export = _edited_export(trained, tmp_path, connector="nosuch")
+        model_args, expected = f"checkpoint={export}", "nosuch"
     elif case == "unknown key":
         model_args, expected = f"checkpoint={trained},temprature=0.5", "unknown model_args temprature"
     else:
