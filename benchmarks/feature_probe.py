@@ -8,7 +8,11 @@ on the held-out ones: per frame, 4 learned queries attend over the patch tokens 
 them to the classes, logits are averaged over frames. That is a Q-Former-like reader with nothing else in the
 way (no LLM, no prompt), so it bounds what a connector can get from the features in this many examples.
 
-`--relate` puts one self-attention layer over the patch tokens before the queries (patches may look at each
+`--area` skips the readers and prints the ceiling of a rule on colour area alone (each clip's coloured share of
+its middle frame, best circle/square threshold): what a reader that sees only how much of the frame is coloured
+can reach. `--post-norm` normalises what each query read together with the query (LayerNorm(query + read)), as every
+attention layer of the Q-Former does: the test of whether a magnitude cue (how much of the frame is coloured)
+survives that normalisation. `--relate` puts one self-attention layer over the patch tokens before the queries (patches may look at each
 other before being read). `--token-mlp` puts a per-token MLP (residual, 4x wide) before the queries instead: each
 patch token may be re-encoded non-linearly, alone, before it is read. `--pixels` reads the raw 14 px patches of the same frames (decoded with PyAV at
 1 fps, resized to 224 px) instead of the store: the control for "the tower loses it".
@@ -59,11 +63,35 @@ def pixel_patches(path: Path, size: int = 224, patch: int = 14) -> torch.Tensor:
                                   for x in out]))
 
 
+def area_ceiling(toy: Path, by_video: dict, ids: list[str]) -> str:
+    """What a reader of colour area alone can reach on shape: each clip's coloured share of its middle frame, and
+    the best threshold between circles and squares (triangles are the smallest by far)."""
+    import av
+
+    from dualfocus.pipeline.toy import BACKGROUND
+
+    area = {}
+    for v in ids:
+        with av.open(str(toy / "videos" / f"{v}.mp4")) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frame = frames[len(frames) // 2].astype(np.int32)
+        area[v] = float((np.abs(frame - np.array(BACKGROUND)).sum(-1) > 60).mean())
+    pairs = [(area[v], by_video[v]["shape"]) for v in ids if by_video[v]["shape"] != "triangle"]
+    best = max(np.mean([(a > t) == (s == "square") for a, s in pairs]) for t, _ in pairs)
+    ranges = {s: (min(a for v, a in area.items() if by_video[v]["shape"] == s),
+                  max(a for v, a in area.items() if by_video[v]["shape"] == s)) for s in SHAPES}
+    n_tri = len(ids) - len(pairs)
+    return (f"area rule: circle vs square {best:.2f}, 3-way shape {(best * len(pairs) + n_tri) / len(ids):.2f} "
+            f"(triangles right); area ranges " + ", ".join(f"{s} {lo:.3f}-{hi:.3f}" for s, (lo, hi) in ranges.items()))
+
+
 class Reader(torch.nn.Module):
     """forward(tokens [t, n, d]) -> logits [classes] (mean over frames)."""
 
-    def __init__(self, d: int, n_classes: int, relate: bool, token_mlp: bool = False, queries: int = 4):
+    def __init__(self, d: int, n_classes: int, relate: bool, token_mlp: bool = False, queries: int = 4,
+                 post_norm: bool = False):
         super().__init__()
+        self.post_norm = torch.nn.LayerNorm(d) if post_norm else None
         self.norm = torch.nn.LayerNorm(d)
         self.relate = torch.nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True) if relate else None
         self.token_mlp = (
@@ -80,7 +108,10 @@ class Reader(torch.nn.Module):
         if self.token_mlp is not None:
             x = x + self.token_mlp(x)
         weights = torch.softmax(self.queries @ self.key(x).transpose(1, 2) / x.shape[-1] ** 0.5, dim=-1)  # [t, q, n]
-        return self.head((weights @ self.value(x)).flatten(1)).mean(0)
+        read = weights @ self.value(x)                                                              # [t, q, d]
+        if self.post_norm is not None:  # as a BERT-style (Q-Former) layer: LayerNorm(query + attention output)
+            read = self.post_norm(self.queries + read)
+        return self.head(read.flatten(1)).mean(0)
 
 
 def main() -> None:
@@ -90,10 +121,15 @@ def main() -> None:
     ap.add_argument("--relate", action="store_true", help="one self-attention layer over the patches first")
     ap.add_argument("--token-mlp", action="store_true", help="a per-token MLP over the patches first")
     ap.add_argument("--pixels", action="store_true", help="read raw pixel patches instead of the store")
+    ap.add_argument("--post-norm", action="store_true", help="LayerNorm(query + read), as a Q-Former layer does")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--area", action="store_true", help="only print what colour area alone tells about shape")
     args = ap.parse_args()
     torch.set_num_threads(1)
     by_video, train_ids, test_ids = labels(args.work / "toy")
+    if args.area:
+        print(area_ceiling(args.work / "toy", by_video, train_ids + test_ids))
+        return
     if args.pixels:
         tokens = {v: pixel_patches(args.work / "toy" / "videos" / f"{v}.mp4") for v in train_ids + test_ids}
     else:
@@ -105,7 +141,7 @@ def main() -> None:
     print(f"{len(train_ids)} training clips, {len(test_ids)} held out, tokens {tuple(tokens[train_ids[0]].shape)}")
     for kind, classes in CLASSES.items():
         torch.manual_seed(args.seed)
-        reader = Reader(d, len(classes), args.relate, args.token_mlp)
+        reader = Reader(d, len(classes), args.relate, args.token_mlp, post_norm=args.post_norm)
         opt = torch.optim.AdamW(reader.parameters(), 2e-3, weight_decay=1e-2)
         target = {v: classes.index(by_video[v][kind]) for v in train_ids + test_ids}
 

@@ -270,7 +270,9 @@ def clip_frames(clip: dict, size: int) -> Iterator[np.ndarray]:
 
 
 def _side_and_range(rng: np.random.Generator, size: int) -> tuple[float, float, float]:
-    """v1's geometry: shape side (about a third of the frame) and the range [lo, hi] of its centre."""
+    """Shape side (about a third of the frame) and the range [lo, hi] of its centre. The side is drawn from
+    0.28-0.34 of the frame, v1's range before ``toy.SHAPE_SIDE`` (0.44-0.46); v2 keeps it so that the compare
+    figures in the README stand (its circle and square areas overlap, as v1's did, which caps shape there)."""
     side = size * rng.uniform(0.28, 0.34)
     margin = size * 0.03
     return side, margin + side / 2, size - margin - side / 2

@@ -119,3 +119,22 @@ def test_decodes_with_both_backends_at_native_rate(corpus):
 def test_rejects_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError, match="must be"):
         make_toy_corpus(tmp_path, **kwargs)
+
+
+def test_shapes_are_told_apart_by_how_much_of_the_frame_they_cover(tmp_path):
+    """The one shape cue a random frozen tower hands on (pipeline/toy.py, SHAPE_SIDE): over every clip of a
+    corpus, the colour area of each shape lies in its own range (triangle < circle < square), with a gap."""
+    make_toy_corpus(tmp_path, n_videos=36, seed=5)
+    shape_of = {row["video_id"]: row["a"] for row in _load(tmp_path, "train.json") if row["a"] in SHAPES}
+    answers = {a["question_id"]: a["answer"] for a in _load(tmp_path, "test_a.json")}
+    shape_of.update({q["video_name"]: answers[q["question_id"]] for q in _load(tmp_path, "test_q.json")
+                     if answers[q["question_id"]] in SHAPES})
+    areas: dict[str, list[float]] = {shape: [] for shape in SHAPES}
+    for video_id, shape in shape_of.items():
+        _, _, chunks = decode_video(tmp_path / "videos" / f"{video_id}.mp4", 1, None, 96)
+        for frame in np.concatenate(list(chunks)).astype(np.int32):
+            areas[shape].append(float((np.abs(frame - BACKGROUND).sum(-1) > 60).mean()))
+    assert all(len(a) >= 30 for a in areas.values())
+    ranges = [(min(areas[s]), max(areas[s])) for s in ("triangle", "circle", "square")]
+    for (_, top), (bottom, _) in zip(ranges, ranges[1:]):
+        assert bottom - top > 0.003, ranges   # > 0.3 % of the frame (~28 px) between neighbouring shapes
