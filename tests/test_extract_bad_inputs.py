@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli
-from media import index_coded_frames, write_audio_only, write_flat_video, write_truncated
+from media import index_coded_frames, write_audio_only, write_cut_at, write_flat_video, write_truncated
 
 from dualfocus.extract.decode_worker import HANG_ENV
 from dualfocus.pipeline.toy import write_mp4
@@ -40,7 +40,7 @@ def make_bad_corpus(root: Path, toy_videos: list[Path]) -> Path:
     (media / "empty.mp4").write_bytes(b"")
     write_truncated(toy_videos[4], media / "truncated.mp4", 0.5)            # index (moov) at the end: unreadable
     write_mp4(media / "tail.mp4", index_coded_frames(50), 10, faststart=True)
-    write_truncated(media / "tail.mp4", media / "truncated_tail.mp4", 0.9)  # readable index, data cut at ~3.4 s
+    write_cut_at(media / "tail.mp4", media / "truncated_tail.mp4", 3.4)     # readable index, data cut at 3.4 s
     (media / "text.mp4").write_text("not a video, just text\n" * 20)
     write_audio_only(media / "audio_only.mp4")
     write_flat_video(media / "short.mp4", seconds=0.4, fps=10)              # shorter than 1 s at 1 fps
