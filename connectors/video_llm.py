@@ -66,14 +66,18 @@ class VideoLLM(nn.Module):
                 lab[i, start:start + n] = torch.tensor(labels[i], device=device)
         return LLMInputs(emb, mask, lab if with_labels else None, visual_mask)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Causal-LM loss (mean over answer + EOS tokens) of a collated batch with labels."""
+    def _next_token_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits ``[b, S-1, vocab]`` float32 at each position, the label of the token after it ``[b, S-1]``) for a
+        collated batch with labels."""
         visual = self.connector.visual_tokens(batch, self.llm)
         inputs = self.llm_inputs(visual, batch, with_labels=True)
         with self.connector.decoder_inputs(visual.layer_inputs, inputs):
             logits = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
-        shift_logits = logits[:, :-1].float()
-        shift_labels = inputs.labels[:, 1:]
+        return logits[:, :-1].float(), inputs.labels[:, 1:]
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Causal-LM loss (mean over answer + EOS tokens) of a collated batch with labels."""
+        shift_logits, shift_labels = self._next_token_logits(batch)
         return nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                            ignore_index=IGNORE_INDEX)
 
@@ -81,12 +85,8 @@ class VideoLLM(nn.Module):
     def continuation_logprobs(self, batch: Batch) -> list[tuple[float, bool]]:
         """Per sample of a batch with labels: (sum of the labelled tokens' log-probabilities, whether each of
         them is the LLM's most likely token there), i.e. how likely, and whether greedy, the answer is."""
-        visual = self.connector.visual_tokens(batch, self.llm)
-        inputs = self.llm_inputs(visual, batch, with_labels=True)
-        with self.connector.decoder_inputs(visual.layer_inputs, inputs):
-            logits = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)                  # [b, S-1, vocab]
-        labels = inputs.labels[:, 1:]
+        logits, labels = self._next_token_logits(batch)
+        logp = torch.log_softmax(logits, dim=-1)                                   # [b, S-1, vocab]
         scored = labels != IGNORE_INDEX
         picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)   # [b, S-1]
         greedy = (logp.argmax(-1) == labels) | ~scored
