@@ -203,11 +203,11 @@ class FeatureQADataset(torch.utils.data.Dataset):
             feats = {name: read[name] for name in self.streams}
             self._cache.put(key, feats)
         # each stream [t, ...] (e.g. DualFocus: semantic [t, P, d_v], spatiotemporal [t, M, d_v])
-        out = {name: torch.from_numpy(_float32_writable(feats[name])) for name in self.streams}
+        out = {name: torch.from_numpy(float32_writable(feats[name])) for name in self.streams}
         return {**out, "sample": s, "index": i}
 
 
-def _float32_writable(array: np.ndarray) -> np.ndarray:
+def float32_writable(array: np.ndarray) -> np.ndarray:
     """``array`` as float32 the caller may write to: converted (a new array) from the stored dtype, and copied only
     when it is float32 already and read-only (an array the read cache keeps)."""
     out = np.asarray(array, dtype=np.float32)

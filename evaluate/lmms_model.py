@@ -82,7 +82,7 @@ class DualFocusLMM(lmms):
         """Every video of each (task, split) the requests come from exists: checked over the whole split, so
         every rank of a multi-process run stops on the same missing file instead of one waiting for the rest."""
         for req in requests:
-            *_, doc_id, task, split = req.args
+            task, split = req.args[-2:]
             if (task, split) in self._checked:
                 continue
             docs = self.task_dict[task][split]

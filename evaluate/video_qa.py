@@ -65,12 +65,18 @@ class VideoQA:
         self.system, self.connector_cfg = connector_system(meta, checkpoint)
         self.taps = self.system.expected_taps(self.connector_cfg, self.model_dir)  # the cut of its encoder per stream
         self.planner = frame_planner(self.system, self.connector_cfg, self.model_dir)
+        from dualfocus.connectors.limits import ModelLimits
+
         self.max_frames = max_frames if max_frames is not None else meta.max_frames
+        self.frames_key = "max_frames" if max_frames is not None else "the checkpoint's max_frames"
+        self.limits = ModelLimits.of(self.model_dir)
+        self.tokens_per_frame = self.system.tokens_per_frame(self.connector_cfg, self.model_dir)
         self.q_tok = load_qformer_tokenizer(self.model_dir)
         self.llm_tok = load_llm_tokenizer(self.model_dir)
         self.prompt = PromptBuilder(self.llm_tok)
         self.stored = count_frames(self.store, meta.streams) if self.store is not None else {}
         self._predictor = None
+        self._last: tuple[str, dict] | None = None   # (video, features): consecutive questions about one video
 
     @property
     def predictor(self):
@@ -102,13 +108,19 @@ class VideoQA:
                 out.update(video_pixels(video, self.fingerprints[group], self.decode_timeout_s, wanted))
         return out
 
+    def features_once(self, video: str) -> dict[str, np.ndarray]:
+        """``features(video)``, kept for the next call while the same video is asked about again."""
+        if self._last is None or self._last[0] != video:
+            self._last = (video, self.features(video))
+        return self._last[1]
+
     def item(self, video: str, question: str, features: dict[str, np.ndarray], answer: str | None = None) -> dict:
         """One dataset item for ``data.batch.collate``: the question tokenised with the DualFocus prompt (and
         ``answer`` after it, when given), the frames planned and read as ``generate`` reads them."""
         import torch
 
-        from dualfocus.connectors.limits import ModelLimits, check_context_length
-        from dualfocus.data.samples import frames_to_read, tokenise
+        from dualfocus.connectors.limits import check_context_length
+        from dualfocus.data.samples import float32_writable, frames_to_read, tokenise
         from dualfocus.pipeline.qa import QAItem
 
         frames = min(len(f) for f in features.values())
@@ -119,9 +131,9 @@ class VideoQA:
             (plan,) = self.planner(lambda _, wanted: {s: features[s] for s in wanted}, [sample])
             sample = replace(sample, frames=None if plan is None else tuple(int(f) for f in plan))
         keep = frames_to_read(sample, self.max_frames)
-        check_context_length([sample], self.max_frames, ModelLimits.of(self.model_dir), frames_key="max_frames",
-                             tokens_per_frame=self.system.tokens_per_frame(self.connector_cfg, self.model_dir))
-        return {**{stream: torch.from_numpy(np.array(f[keep], dtype=np.float32)) for stream, f in features.items()},
+        check_context_length([sample], self.max_frames, self.limits, frames_key=self.frames_key,
+                             tokens_per_frame=self.tokens_per_frame)
+        return {**{stream: torch.from_numpy(float32_writable(f[keep])) for stream, f in features.items()},
                 "sample": sample, "index": 0}
 
     def collate(self, items: list[dict]):
@@ -133,13 +145,9 @@ class VideoQA:
         """Answers to ``(video, question)`` pairs, in order, ``batch_size`` per generation call; a video's
         features are computed once for consecutive questions about it."""
         answers: list[str] = []
-        cache: tuple[str, dict] | None = None
         for start in range(0, len(pairs), batch_size):
-            items = []
-            for video, question in pairs[start:start + batch_size]:
-                if cache is None or cache[0] != video:
-                    cache = (video, self.features(video))
-                items.append(self.item(video, question, cache[1]))
+            items = [self.item(video, question, self.features_once(video))
+                     for video, question in pairs[start:start + batch_size]]
             answers += self.predictor.answer(self.collate(items), sampling)
         return answers
 
@@ -148,11 +156,8 @@ class VideoQA:
         ``(video, context, continuation)``: the context is the question of the DualFocus prompt and the
         continuation the assistant's answer, scored without the EOS that ends a training answer."""
         out = []
-        cache: tuple[str, dict] | None = None
         for video, context, continuation in triples:
-            if cache is None or cache[0] != video:
-                cache = (video, self.features(video))
-            item = self.item(video, context, cache[1], answer=continuation)
+            item = self.item(video, context, self.features_once(video), answer=continuation)
             sample = item["sample"]
             if sample.text_ids and sample.text_ids[-1] == self.llm_tok.eos_token_id:
                 sample = replace(sample, text_ids=sample.text_ids[:-1], text_labels=sample.text_labels[:-1])

@@ -180,14 +180,14 @@ def test_cached_reads_equal_store_reads_and_are_private_copies(prepared, toy_sto
 
 
 def test_float32_conversion_copies_only_read_only_float32_arrays():
-    from dualfocus.data.samples import _float32_writable
+    from dualfocus.data.samples import float32_writable
 
     half = np.ones((2, 3), np.float16)
-    assert _float32_writable(half).dtype == np.float32 and _float32_writable(half).flags.writeable
+    assert float32_writable(half).dtype == np.float32 and float32_writable(half).flags.writeable
     single = np.ones((2, 3), np.float32)
-    assert _float32_writable(single) is single  # a float32 store read is used as it is: no copy on the hot path
+    assert float32_writable(single) is single  # a float32 store read is used as it is: no copy on the hot path
     single.flags.writeable = False  # as the read cache keeps it
-    private = _float32_writable(single)
+    private = float32_writable(single)
     assert private is not single and private.flags.writeable and np.array_equal(private, single)
 
 
