@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import lmms_answer, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,6 +49,8 @@ def test_bf16_default_recipe_export_answers_through_generate_and_ask(tmp_path, t
     proc = run_cli("ask", video, first["question"], "--checkpoint", bf16_export, "--greedy", "--device", "auto",
                    "sampling.max_new_tokens=4", env={"OMP_NUM_THREADS": "1"})
     assert proc.stdout.strip() == rows[0]["pred"].strip()
+    # the lmms-eval model on the same bf16 export and video (evaluate/lmms_model.py), as lmms-eval calls it
+    assert lmms_answer(bf16_export, video, first["question"], max_new_tokens=4) == rows[0]["pred"].strip()
 
 
 def _store_batch(toy_store: Path, toy_corpus: Path, tiny_model: Path, n: int = 2):
