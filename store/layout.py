@@ -4,7 +4,8 @@
       group.json                    kind, format, taps, encoder fingerprint
       manifest/part-000003.parquet  rows of the videos handled in batch 3
       shard-000003.zarr | .tar      features of batch 3 (absent if every row of the batch failed)
-      .writer.lock                  advisory lock held by the one active GroupWriter
+      .writer.lock                  advisory lock held by the one active GroupWriter (the run's driver)
+      .slots.lock                   held shared by each live SlotWriter (parallel writers of that run)
 
 A batch `i` is committed once `manifest/part-i.parquet` exists. Anything named `*.tmp-*` is a write in
 progress (or a crashed one), and a shard without its part is an uncommitted leftover.
@@ -96,6 +97,11 @@ def describe_mismatch(existing: dict, wanted: dict, keys: tuple[str, ...]) -> li
             lines.append(f"fingerprint.{key}: store has {old.get(key, '<missing>')!r}, "
                          f"requested {new.get(key, '<missing>')!r}")
     return lines
+
+
+def remove_path(path: Path) -> None:
+    """Delete a shard (a Zarr directory or a tar) or any file."""
+    _remove(Path(path))
 
 
 def _remove(path: Path) -> None:

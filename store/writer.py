@@ -6,32 +6,26 @@ Legend: k frames in a chunk; each tap has its own per-frame shape (e.g. semantic
 Commit protocol (per group). Batch i is written to `shard-<i>.<ext>.tmp-<random>`, renamed to
 `shard-<i>.<ext>` once complete, and only then committed by writing `manifest/part-<i>.parquet` (itself temp +
 rename). Opening a group removes its temp shards and shards without a part. One `GroupWriter` per group at a
-time (an advisory lock on `groups/<name>/.writer.lock`), so one writer per shard, always; writers of other
-groups of the same store never touch this group's files.
+time (an advisory lock on `groups/<name>/.writer.lock`); it writes the group itself, or hands disjoint shard
+names to several parallel `SlotWriter`s (`slot_specs`, see `slot_writer.py`), so one writer per shard, always.
+Writers of other groups of the same store never touch this group's files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
-import math
-import os
+import time
 from pathlib import Path
-
-import numpy as np
 
 from . import info as store_info
 from . import layout, manifest
-from .dtypes import STORAGE_DTYPES, as_numpy, encode_tap
+from .dtypes import STORAGE_DTYPES
 from .errors import StoreBusyError, StoreMismatchError
 from .info import GROUP_JSON, GROUP_KINDS, SAMPLING_KEYS, GroupInfo, TapInfo
-from .keys import safe_key
-from .protocols import TIMESTAMPS, ShardWriter
-from .tar_shard import TarShardWriter
-from .zarr_shard import ZarrShardWriter
-
-_BACKENDS = {"zarr": ZarrShardWriter, "webdataset": TarShardWriter}
-_META_KEYS = ("n_frames", "duration_s", "native_fps")
+from .slot_writer import BACKENDS as _BACKENDS
+from .slot_writer import SLOTS_LOCK, SlotSpec, SlotWriter
 
 
 def _check_args(group, kind, format, taps, fingerprint, sampling, videos_per_shard, max_shard_bytes) -> list[str]:
@@ -77,10 +71,6 @@ def _taps(taps: dict, dtype: str) -> dict[str, TapInfo]:
             for name, tap in taps.items()}
 
 
-def _float_or_nan(value) -> float:
-    return float("nan") if value is None else float(value)
-
-
 class GroupWriter:
     """Write videos into stream group `group` of the store at `root`, resuming a compatible existing one.
 
@@ -93,6 +83,9 @@ class GroupWriter:
                 for arrays, ts in chunks:   # {"semantic": [k, P, D], ...}, [k]
                     w.add_frames(arrays, ts)
                 w.end_video()                 # or w.abort_video(str(err)); w.add_failed(...) for no frames
+
+    Or, for parallel writers: `specs = w.slot_specs(n)`, one `SlotWriter(spec)` per spec (each in its own
+    process if need be); `w` itself then writes nothing and only holds the group until `close`.
 
     `taps` maps each tap to its per-frame shape (stored in `dtype`) or to a `TapInfo` (its own storage dtype,
     e.g. uint8 pixels). The store's `store.json` is created by the first group; every later group must ask
@@ -108,7 +101,8 @@ class GroupWriter:
 
     def __init__(self, root, group: str, *, taps: dict, fingerprint: dict, sampling: dict, kind: str = "encoder",
                  format: str = "zarr", dtype: str = "float16", videos_per_shard: int = 256,
-                 max_shard_bytes: int = 2**30, overwrite: bool = False, frames_per_zarr_shard: int = 64):
+                 max_shard_bytes: int = 2**30, overwrite: bool = False, frames_per_zarr_shard: int = 64,
+                 stale_writers_wait_s: float = 60.0):
         taps = _taps(taps, dtype)
         problems = _check_args(group, kind, format, taps, fingerprint, sampling, videos_per_shard, max_shard_bytes)
         if problems:
@@ -128,28 +122,26 @@ class GroupWriter:
         self._lock = self._acquire_lock()
         try:
             self._check_store(dict(sampling), overwrite)
-            if overwrite:
-                layout.clear_shards(self.dir, GROUP_JSON)
-            self.info = self._open_group(fingerprint)
-            self._removed = layout.remove_garbage(self.dir)
+            with self._no_slot_writers(stale_writers_wait_s):
+                if overwrite:
+                    layout.clear_shards(self.dir, GROUP_JSON)
+                self.info = self._open_group(fingerprint)
+                self._removed = layout.remove_garbage(self.dir)
             rows = manifest.latest(manifest.read_all(self.dir))
         except BaseException:
             self._lock.close()
-            if created and [p.name for p in self.dir.iterdir()] == [layout.LOCK_FILE]:  # leave no empty group behind
-                (self.dir / layout.LOCK_FILE).unlink(missing_ok=True)
+            if created and {p.name for p in self.dir.iterdir()} <= {layout.LOCK_FILE, SLOTS_LOCK}:
+                for name in (layout.LOCK_FILE, SLOTS_LOCK):   # leave no empty group behind
+                    (self.dir / name).unlink(missing_ok=True)
                 self.dir.rmdir()
             raise
-        self._arrays = self.info.arrays()
         self._done = set(rows.loc[rows["status"] == "ok", "video_id"])
         parts = layout.part_indices(self.dir)
-        self._index = parts[-1] + 1 if parts else 0
-
-        self._rows: list[dict] = []        # rows of the open batch
-        self._committed: list[dict] = []   # rows committed by this writer
-        self._shard: ShardWriter | None = None
-        self._shard_tmp: Path | None = None
-        self._shard_bytes = 0
-        self._video: dict | None = None    # the open video's row
+        self.first_index = parts[-1] + 1 if parts else 0
+        """Shards of this run get indices from here on (above every committed one)."""
+        self._own: SlotWriter | None = None      # this object's own writing (slot 0 of 1)
+        self._video: str | None = None           # the video open in it
+        self._handed_out = False
         self._closed = False
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -187,6 +179,27 @@ class GroupWriter:
             raise StoreBusyError(f"another writer is writing group {self.name!r} of {self.root}") from None
         return handle
 
+    @contextlib.contextmanager
+    def _no_slot_writers(self, wait_s: float):
+        """Hold `.slots.lock` exclusively: no `SlotWriter` of an earlier, killed run (e.g. a Ray actor that outlived
+        its driver for a moment) can commit while this run cleans the group. Waits up to `wait_s` for them."""
+        handle = open(self.dir / SLOTS_LOCK, "a")
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreBusyError(
+                            f"writers of an earlier run still hold group {self.name!r} of {self.root} "
+                            f"({self.dir / SLOTS_LOCK}) after {wait_s:.0f} s; stop that run first") from None
+                    time.sleep(0.2)
+            yield
+        finally:
+            handle.close()
+
     def _open_group(self, fingerprint: dict) -> GroupInfo:
         wanted = GroupInfo(self.name, self.dir, self.kind, self.format, fingerprint, self.taps, layout.now_iso())
         if (self.dir / GROUP_JSON).is_file():
@@ -208,8 +221,12 @@ class GroupWriter:
 
     # ---- state -------------------------------------------------------------------------------------
     def done_ids(self) -> set[str]:
-        """video_ids whose latest committed row is ok (resume skips these; failed ones are retried)."""
-        return set(self._done)
+        """video_ids whose latest committed row is ok (resume skips these; failed ones are retried); counts this
+        writer's own commits, not those of slot writers it handed names to."""
+        done = set(self._done)
+        for row in self._own.committed() if self._own else []:
+            (done.add if row["status"] == "ok" else done.discard)(row["video_id"])
+        return done
 
     def removed_garbage(self) -> list[str]:
         """Entries (relative to the store root) deleted as uncommitted leftovers when opening."""
@@ -219,91 +236,64 @@ class GroupWriter:
         """True between `begin_video` and `end_video`/`abort_video`."""
         return self._video is not None
 
-    # ---- per video ---------------------------------------------------------------------------------
+    def slot_specs(self, slots: int) -> list[SlotSpec]:
+        """Disjoint shard names for `slots` parallel `SlotWriter`s of this run; this writer then writes nothing."""
+        self._check_writable()
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if self._own is not None:
+            raise RuntimeError(f"group {self.name!r}: slot_specs after this writer wrote videos itself")
+        self._handed_out = True
+        return [SlotSpec(str(self.root), self.name, slot, slots, self.first_index, self.videos_per_shard,
+                         self.max_shard_bytes, self.frames_per_zarr_shard) for slot in range(slots)]
+
+    # ---- per video (this writer's own writing: one video open at a time) ----------------------------
     def begin_video(self, video_id: str, path: str, meta: dict | None = None) -> None:
         """Open a video; `meta` may hold n_frames, duration_s, native_fps."""
-        self._check_writable()
         if self._video is not None:
-            raise RuntimeError(f"begin_video({video_id!r}) while {self._video['video_id']!r} is open; "
+            raise RuntimeError(f"begin_video({video_id!r}) while {self._video!r} is open; "
                                "call end_video or abort_video first")
-        self._video = self._new_row(video_id, path, meta)
-        if self._shard is None:
-            self._open_shard()
-        self._shard.begin(self._video["key"])
+        self._writer().begin_video(video_id, path, meta)
+        self._video = video_id
 
     def add_frames(self, arrays: dict, timestamps) -> None:
         """Append a chunk of the open video: one array per tap, each [k, *shape], and timestamps [k] (seconds).
         Any float dtype, numpy or torch, for feature taps; cast to each tap's storage dtype."""
         if self._video is None:
             raise RuntimeError("add_frames called with no open video; call begin_video first")
-        ts = as_numpy(timestamps)
-        k = len(ts) if ts.ndim == 1 else -1
-        problems = [] if ts.ndim == 1 else [f"timestamps must be [k], got {list(ts.shape)}"]
-        missing, unknown = sorted(set(self.taps) - set(arrays)), sorted(set(arrays) - set(self.taps))
-        if missing or unknown:
-            problems.append(f"taps missing {missing}, unknown {unknown} (group {self.name!r} stores "
-                            f"{sorted(self.taps)})")
-        chunk = {}
-        for name, tap in self.taps.items():
-            if name not in arrays:
-                continue
-            x = as_numpy(arrays[name])
-            if x.shape != (k, *tap.shape):
-                problems.append(f"{name} must be {[k, *tap.shape]}, got {list(x.shape)}")
-                continue
-            try:
-                chunk.update(encode_tap(name, x, tap.dtype))
-            except ValueError as e:
-                problems.append(str(e))
-        if problems:
-            raise ValueError(f"add_frames for {self._video['video_id']!r}: " + "; ".join(problems))
-        chunk[TIMESTAMPS] = np.ascontiguousarray(ts, dtype=np.float32)
-        self._shard.add(chunk)
+        self._own.add_frames(self._video, arrays, timestamps)
 
     def end_video(self) -> dict:
         """Finish the open video; returns its (ok) manifest row. May commit the shard afterwards."""
         if self._video is None:
             raise RuntimeError("end_video called with no open video")
-        row, self._video = self._video, None
-        sidecar = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                   for k, v in row.items() if k in ("video_id", "path", *_META_KEYS)}
-        extent = self._shard.end(sidecar)
-        row.update(status="ok", shard=layout.shard_name(self._index, self.format),
-                   start=extent.start, length=extent.length, bytes=self._video_bytes(extent.length))
-        if row["n_frames"] is None:
-            row["n_frames"] = extent.length
-        return self._record(row)
+        video, self._video = self._video, None
+        return self._own.end_video(video)
 
     def abort_video(self, error: str) -> dict:
         """Drop the open video's frames and record it as failed with `error`."""
         if self._video is None:
             raise RuntimeError("abort_video called with no open video")
-        row, self._video = self._video, None
-        self._shard.abort()
-        row.update(status="failed", error=str(error) or "aborted", n_frames=row["n_frames"] or 0)
-        return self._record(row)
+        video, self._video = self._video, None
+        return self._own.abort_video(video, error)
 
     def add_failed(self, video_id: str, path: str, error: str, meta: dict | None = None) -> dict:
         """Record a video that produced no frames (e.g. decode error) as failed."""
-        self._check_writable()
         if self._video is not None:
-            raise RuntimeError(f"add_failed({video_id!r}) while {self._video['video_id']!r} is open")
-        row = self._new_row(video_id, path, meta)
-        row.update(status="failed", error=str(error) or "failed", n_frames=row["n_frames"] or 0)
-        return self._record(row)
+            raise RuntimeError(f"add_failed({video_id!r}) while {self._video!r} is open")
+        return self._writer().add_failed(video_id, path, error, meta)
 
     # ---- batches -----------------------------------------------------------------------------------
     def close(self) -> list[dict]:
         """Commit the open batch (if it has any row) and release the store. A video still open is
         recorded as failed. Returns every row this writer committed."""
         if self._closed:
-            return list(self._committed)
+            return self._own.committed() if self._own else []
         if self._video is not None:
             self.abort_video("writer closed before end_video")
-        if self._rows:
-            self._commit()
+        rows = self._own.close() if self._own else []
         self._release()
-        return list(self._committed)
+        return rows
 
     def __enter__(self) -> "GroupWriter":
         return self
@@ -318,54 +308,18 @@ class GroupWriter:
         """Crash path: release the group without committing the open shard (the next open removes it)."""
         if self._closed:
             return
-        if self._shard is not None:
-            self._shard.release()
+        if self._own is not None:
+            self._own.abandon()
         self._release()
 
-    def _open_shard(self) -> None:
-        final = layout.shard_name(self._index, self.format)
-        self._shard_tmp = self.dir / layout.temp_name(final)
-        kwargs = dict(arrays=self._arrays,
-                      attributes={"group": self.name, "dtypes": {k: v.dtype for k, v in self.taps.items()}})
-        if self.format == "zarr":
-            kwargs["frames_per_zarr_shard"] = self.frames_per_zarr_shard
-        self._shard = _BACKENDS[self.format](self._shard_tmp, **kwargs)
-
-    def _commit(self) -> None:
-        """Complete and rename the shard (if any video reached it), then write the manifest part."""
-        if self._shard is not None:
-            self._shard.close()
-            os.replace(self._shard_tmp, self.dir / layout.shard_name(self._index, self.format))
-        manifest.write_part(self.dir, self._index, self._rows)
-        for row in self._rows:
-            (self._done.add if row["status"] == "ok" else self._done.discard)(row["video_id"])
-        self._committed.extend(self._rows)
-        self._rows, self._shard, self._shard_tmp, self._shard_bytes = [], None, None, 0
-        self._index += 1
-
-    def _record(self, row: dict) -> dict:
-        self._rows.append(row)
-        self._shard_bytes += row["bytes"]
-        if len(self._rows) >= self.videos_per_shard or self._shard_bytes >= self.max_shard_bytes:
-            self._commit()
-        return dict(row)
-
-    # ---- helpers -----------------------------------------------------------------------------------
-    def _new_row(self, video_id: str, path: str, meta: dict | None) -> dict:
-        meta = dict(meta or {})
-        unknown = sorted(set(meta) - set(_META_KEYS))
-        if unknown:
-            raise ValueError(f"meta for {video_id!r} has unknown keys {unknown}; allowed: {list(_META_KEYS)}")
-        return {"video_id": video_id, "key": safe_key(video_id), "path": str(path), "status": "",
-                "error": "",
-                "n_frames": None if meta.get("n_frames") is None else int(meta["n_frames"]),
-                "duration_s": _float_or_nan(meta.get("duration_s")),
-                "native_fps": _float_or_nan(meta.get("native_fps")),
-                "shard": None, "start": 0, "length": 0, "bytes": 0}
-
-    def _video_bytes(self, length: int) -> int:
-        """Uncompressed stored bytes of one video's arrays (taps, scales, timestamps)."""
-        return length * sum(spec.frame_bytes() for spec in self._arrays.values())
+    def _writer(self) -> SlotWriter:
+        self._check_writable()
+        if self._handed_out:
+            raise RuntimeError(f"group {self.name!r}: this writer handed its shard names to slot writers")
+        if self._own is None:
+            self._own = SlotWriter(SlotSpec(str(self.root), self.name, 0, 1, self.first_index, self.videos_per_shard,
+                                            self.max_shard_bytes, self.frames_per_zarr_shard))
+        return self._own
 
     def _check_writable(self) -> None:
         if self._closed:

@@ -8,7 +8,8 @@
 
 Frames are buffered until a whole zarr shard (e.g. 64 frames) is full and then written in one go to an
 aligned region, so each zarr shard file is written exactly once; the buffer holds at most one zarr
-shard. An aborted video that already reached disk leaves an unreferenced frame range behind.
+shard. An aborted video is cut off the end of the arrays (it is always the shard's last video), so a committed
+shard holds no frame that no manifest row points to.
 """
 
 from __future__ import annotations
@@ -61,9 +62,17 @@ class ZarrShardWriter:
         return Extent(key=self.key, start=start, length=self.flushed + self.buffered - start)
 
     def abort(self) -> None:
-        # drop the video's buffered frames; frames already flushed stay as an unused range
-        self.buffered = max(0, self.video_start - self.flushed)
-        self.video_start = None
+        start, self.video_start = self.video_start, None
+        if start >= self.flushed:             # all of it still in the buffers: forget it
+            self.buffered = start - self.flushed
+            return
+        # Part of it is on disk: shrink the arrays back to the last aligned frame before it and reload the
+        # earlier videos' frames of that zarr shard into the buffers, to be written again with what follows.
+        aligned = start - start % self.frames_per_zarr_shard
+        for name, arr in self.arrays.items():
+            self.buffers[name][:start - aligned] = arr[aligned:start]
+            arr.resize((aligned, *arr.shape[1:]))
+        self.flushed, self.buffered = aligned, start - aligned
 
     def close(self) -> None:
         if self.buffered:

@@ -256,3 +256,31 @@ def test_bad_input_is_reported(tmp_path):
     with pytest.raises(NotAStoreError, match="not a feature store") as err:
         FeatureStore.open(tmp_path / "elsewhere")
     assert isinstance(err.value, StoreError) and str(tmp_path / "elsewhere") in str(err.value)
+
+
+@pytest.mark.parametrize("flushed_frames", [0, 70, 200])
+def test_an_aborted_video_leaves_no_frames_in_the_shard(tmp_path, flushed_frames):
+    """Whether none, some or many of an aborted video's frames reached disk, the shard ends where the last kept
+    video ends, and the video after it reads back whole."""
+    from dualfocus.store import FeatureStore, GroupWriter
+
+    def frames(n: int, value: float):
+        return {"x": np.full((n, 2, 3), value, np.float32)}, np.arange(n, dtype=np.float32)
+
+    with GroupWriter(tmp_path, "g", taps={"x": (2, 3)}, fingerprint={}, sampling={"fps": 1.0, "max_frames": None},
+                     frames_per_zarr_shard=64) as w:
+        w.begin_video("a", "a.mp4")
+        w.add_frames(*frames(40, 1.0))
+        w.end_video()
+        w.begin_video("bad", "bad.mp4")
+        for _ in range(0, flushed_frames, 10):
+            w.add_frames(*frames(10, 9.0))
+        w.abort_video("decode failed")
+        w.begin_video("b", "b.mp4")
+        w.add_frames(*frames(30, 2.0))
+        w.end_video()
+    store = FeatureStore.open(tmp_path)
+    np.testing.assert_array_equal(store["a"]["x"][:, 0, 0], np.ones(40))
+    np.testing.assert_array_equal(store["b"]["x"][:, 0, 0], np.full(30, 2.0))
+    (shard,) = (tmp_path / "groups" / "g").glob("shard-*.zarr")
+    assert zarr.open_group(str(shard), mode="r")["x"].shape[0] == 70        # a + b, nothing of "bad"
