@@ -131,6 +131,7 @@ def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/
             batch_size: Optional[int] = typer.Option(None, help="Frames per encoder forward [encoder.batch_frames]."),
             decode_workers: Optional[int] = typer.Option(None, help="Decoding actors [ray.decode_workers]."),
             encoder_actors: Optional[int] = typer.Option(None, help="Encoder actors [ray.encoder_actors]."),
+            writers: Optional[int] = typer.Option(None, help="Shard writer actors [ray.writers]."),
             gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per encoder actor [ray.gpus_per_actor]."),
             ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting one."),
             encoder: Optional[list[str]] = typer.Option(
@@ -154,7 +155,7 @@ def extract(corpus: str = typer.Argument(..., help="Directory of videos, or CSV/
     values = _given(corpus=corpus, model=model, out=out, **{
         "decode.fps": fps, "decode.max_frames": max_frames, "store.format": format, "store.dtype": dtype,
         "encoder.batch_frames": batch_size, "ray.decode_workers": decode_workers,
-        "ray.encoder_actors": encoder_actors, "ray.gpus_per_actor": gpus_per_actor, "ray.address": ray_address,
+        "ray.encoder_actors": encoder_actors, "ray.writers": writers, "ray.gpus_per_actor": gpus_per_actor, "ray.address": ray_address,
         "pixels.long_side": pixels,
         "limit": limit, "max_failures": yaml.safe_load(max_failures) if max_failures is not None else None})
     if overwrite:

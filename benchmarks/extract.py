@@ -136,12 +136,16 @@ class RssMonitor:
              ("multiprocessing.spawn", "decode child"),
              ("spawn_main", "decode child"))
 
+    OTHER: str | None = None
+    """Role of processes no ROLES entry names (None: not sampled)."""
+
     def __init__(self, interval: float = 0.1):
         import psutil
 
         self.me = psutil.Process()
         self.interval = interval
         self.peaks: dict[str, int] = {}
+        self.cpu: dict[int, tuple[str, float]] = {}   # pid -> (role, CPU seconds so far)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -164,15 +168,23 @@ class RssMonitor:
             except Exception:  # noqa: BLE001
                 procs = [self.me]
             for proc in procs:
-                role = self.role(proc)
+                role = self.role(proc) or self.OTHER
                 if role is None:
                     continue
                 try:
-                    rss = proc.memory_info().rss
+                    rss, times = proc.memory_info().rss, proc.cpu_times()
                 except Exception:  # noqa: BLE001
                     continue
                 self.peaks[role] = max(self.peaks.get(role, 0), rss)
+                self.cpu[proc.pid] = (role, times.user + times.system)
             self._stop.wait(self.interval)
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds (user + system) of the sampled processes, summed per role."""
+        out: dict[str, float] = {}
+        for role, seconds in self.cpu.values():
+            out[role] = out.get(role, 0.0) + seconds
+        return out
 
     def __enter__(self) -> "RssMonitor":
         self._thread.start()

@@ -27,8 +27,9 @@ class DecodeConfig:
     """Cap on frames per video, reached by uniform subsampling; null = no cap."""
     backend: Literal["decord", "pyav"] = "decord"
     """Decoder tried first; PyAV is the fallback when decord fails on a file."""
-    chunk_frames: int = 16
-    """Frames decoded and shipped together; bounds memory per video in flight."""
+    chunk_frames: int = 32
+    """Frames decoded and shipped together; bounds memory per video in flight. Each chunk is one encoder call (run
+    in forwards of at most encoder.batch_frames), so keep it at least encoder.batch_frames for full batches."""
     timeout_s: float = 60.0
     """Wall-clock limit without progress while decoding one video; past it the video fails."""
 
@@ -122,8 +123,11 @@ class RayConfig:
 
     address: str | None = None
     """Ray cluster address ("auto", "ray://host:10001"); null starts Ray locally."""
-    decode_workers: int = 1
-    """Decoding actors (each owns one decoder child process)."""
+    decode_workers: int = 2
+    """Most decoding actors (each owns one decoder child process and decodes one video at a time); the pool grows
+    from decode_min_workers to this while encoders wait for frames."""
+    decode_min_workers: int = 1
+    """Fewest decoding actors."""
     decode_cpus: float = 1.0
     """CPUs reserved per decoding actor."""
     encoder_actors: int = 1
@@ -132,16 +136,28 @@ class RayConfig:
     """CPUs reserved per encoder actor."""
     gpus_per_actor: float = 0.0
     """GPUs per encoder actor (0 on a CPU machine, 1 on a GPU node)."""
+    writers: int | None = None
+    """Shard writer actors, spread over the nodes, each owning its own shards; null = one per encoder actor."""
+    writer_cpus: float = 1.0
+    """CPUs reserved per writer actor (it compresses and writes)."""
 
     def check(self) -> list[str]:
         problems = []
-        for name in ("decode_workers", "encoder_actors"):
+        for name in ("decode_workers", "decode_min_workers", "encoder_actors"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("decode_cpus", "encoder_cpus", "gpus_per_actor"):
+        if self.decode_min_workers > self.decode_workers:
+            problems.append(f"decode_min_workers ({self.decode_min_workers}) must be <= decode_workers "
+                            f"({self.decode_workers})")
+        if self.writers is not None and self.writers < 1:
+            problems.append(f"writers must be >= 1 or null, got {self.writers}")
+        for name in ("decode_cpus", "encoder_cpus", "gpus_per_actor", "writer_cpus"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         return problems
+
+    def n_writers(self) -> int:
+        return self.writers or self.encoder_actors
 
 
 @dataclass

@@ -1,16 +1,22 @@
-"""``run_extract``: corpus -> Ray Data (decode actors -> encoder actor pool) -> one writer per stream group.
+"""``run_extract``: corpus -> Ray Data (decode actors -> encoder actor pool) -> parallel shard writer actors.
 
 Each video is decoded once and run through every encoder of the run (one stream group each, see
-``extract/groups.py``); a video already stored in some groups is encoded only for the others. The driver is
-the only writer of shards: it consumes the pipeline's output in corpus order (``preserve_order``), so a
-video's chunks arrive consecutively and are appended to each group's open shard as they come, never held
-whole in memory. One writer per shard, a video never split across shards, and the commit protocol of
-``store/`` make a hard kill safe: a rerun of the same command removes the uncommitted shards and redoes only
-what was not committed, in each group.
+``extract/groups.py``); a video already stored in some groups is encoded only for the others. The encoder actors
+push their output straight to the writer actors (``extract/writer_actor.py``): writer ``w`` owns slot ``w`` of
+every group (disjoint shard names, ``store/slot_writer.py``) and receives every chunk of the videos routed to it,
+so a video stays whole in one shard per group; the driver receives one small progress row per video and each
+writer's counts at the end, never a feature byte. Rows flow in completion order, not corpus order, so a video
+that hangs its decoder holds back only itself.
+
+Exactly once: the driver's ``GroupWriter`` per group holds the group for the run, removes what an interrupted
+run left uncommitted, and hands out shard names above every committed one; a shard counts only once its manifest
+part exists. A kill of anything (driver, writer, encoder, node) then the same command again redoes only the
+videos not committed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -124,7 +130,8 @@ def _init_ray(cfg: ExtractConfig):
         return
     # Locally, reserve exactly what the stages ask for (at least the machine's cores) so the actor
     # pools always fit, even on a 2-core laptop.
-    wanted = cfg.ray.decode_workers * cfg.ray.decode_cpus + cfg.ray.encoder_actors * cfg.ray.encoder_cpus
+    wanted = (cfg.ray.decode_workers * cfg.ray.decode_cpus + cfg.ray.encoder_actors * cfg.ray.encoder_cpus
+              + cfg.ray.n_writers() * cfg.ray.writer_cpus)
     start_local_ray(lambda: ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False,
                                      log_to_driver=True, configure_logging=True, logging_level="ERROR"))
 
@@ -171,9 +178,18 @@ def _check_reachable(key: str, address: str, timeout_s: float = 10.0) -> None:
         raise UserError(f"{key}={address}: no Ray cluster answers there ({e.strerror or e})") from None
 
 
-def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list):
-    """The Ray Dataset of encoded chunk rows for the videos in ``todo`` (lazy; nothing runs yet).
+MAX_INPUT_BLOCKS = 10_000
+"""Input blocks of the pipeline: one video each up to this many videos (a decode task is a block, so a video
+that hangs delays only itself); beyond it a block holds several videos."""
 
+
+def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list, writers: list | None = None,
+                   encode_stage: type | None = None):
+    """The Ray Dataset for the videos in ``todo`` (lazy; nothing runs yet).
+
+    With ``writers`` (``WriterActor`` handles) the encoded chunks go to them and the dataset's rows are progress
+    rows (``writer_actor.progress_rows``); without, its rows are the encoded chunk rows (tests).
+    ``encode_stage`` replaces ``EncodeStage`` (same constructor; ``benchmarks/extract_scale.py``'s synthetic one).
     Each video is decoded once, at the largest frame size any group's encoder reads; every encoder of the
     run sits in each encoder actor and resizes from there to its own size (``encoders.prepare_frames``).
     """
@@ -183,11 +199,15 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list):
 
     from dualfocus.extract.resize import FrameViews
     from dualfocus.extract.stages import DecodeStage, EncodeStage
+    from dualfocus.extract.writer_actor import route
     from dualfocus.pipeline.progress import quiet_ray_data
     from dualfocus.store.dtypes import transfer_dtype
 
     ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # a video's chunks reach the writer consecutively
+    ctx.execution_options.preserve_order = False  # completion order: a slow video never holds others back
+    # A decode actor takes one video at a time (none waits behind a slow one), so its pool is at most 100 %
+    # busy; Ray Data grows a pool only above 175 % unless told otherwise (only decode's pool can grow).
+    ctx.autoscaling_config = dataclasses.replace(ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0)
     quiet_ray_data(ctx)
     # max_restarts (below) has no named parameter: Ray 2.60 warns that its **ray_remote_args route goes
     # away in Ray 2.64 (ray-project/ray#65228). The warning is for us, not for the user running extract.
@@ -196,7 +216,7 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list):
     pixels = next((plan for plan in plans if plan.kind == "pixels"), None)
     square = max((plan.image_size for plan in encoders), default=None)
     size = square if pixels is None else FrameViews(square=square, long_side=pixels.image_size)
-    # Memory is bounded by batches, not by video length. Blocks: about one chunk each (Ray's default of
+    # Memory is bounded by chunks, not by video length. Blocks: about one chunk each (Ray's default of
     # 128 MiB would let a long video pile up in the decoding actor and travel as one object). Buffering:
     # decoding is far faster than a CPU encoder and would otherwise run ahead through a whole video, so
     # the object store budget of the pipeline is capped at a few encoder batches (in and out) per
@@ -208,32 +228,37 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list):
     ctx.target_max_block_size = cfg.decode.chunk_frames * decoded_bytes
     budget = max(32 * 2**20, 4 * cfg.encoder.batch_frames * frame_bytes * cfg.ray.encoder_actors)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
-    rows_per_batch = max(1, cfg.encoder.batch_frames // cfg.decode.chunk_frames)
     # Actor restarts. Ray Data always hands its actors their constructor arguments through the object
     # store (ours are a few numbers and strings), and Ray logs an "E ... core_worker.cc" line for every
     # restartable actor built that way: a false alarm (ray-project/ray#57733). On one machine a lost actor
     # is a crash that restarting would not cure, so local runs turn restarts off and print no such line.
-    # On a cluster, where a node can be preempted, Ray Data's default (restart) is kept and the line shows.
+    # On a cluster, where a node can be preempted, Ray Data's default (restart) is kept and the line shows;
+    # a retried task may then push a chunk twice, which the writers drop (``writing.VideoAssembler``).
     restarts = {} if joins_cluster(cfg) else {"max_restarts": 0}
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 200)))
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), MAX_INPUT_BLOCKS)))
     ds = ds.flat_map(
         DecodeStage,
         fn_constructor_kwargs=dict(fps=cfg.decode.fps, max_frames=cfg.decode.max_frames, size=size,
                                    chunk_frames=cfg.decode.chunk_frames, backend=cfg.decode.backend,
                                    timeout_s=cfg.decode.timeout_s),
-        compute=ActorPoolStrategy(size=cfg.ray.decode_workers),
+        # one video at a time per actor (none queued behind a slow one); the pool grows while encoders wait
+        compute=ActorPoolStrategy(min_size=cfg.ray.decode_min_workers, max_size=cfg.ray.decode_workers,
+                                  max_tasks_in_flight_per_actor=1),
         num_cpus=cfg.ray.decode_cpus,
         **restarts,
     )
     if not encoders:  # the pixels group alone: nothing to encode
-        return ds
+        return ds.map_batches(route, fn_kwargs={"writers": writers}, batch_format="numpy") if writers else ds
     ds = ds.map_batches(
-        EncodeStage,
+        encode_stage or EncodeStage,
         fn_constructor_kwargs=dict(groups=[plan.stage_spec() for plan in encoders], device=cfg.encoder.device,
                                    compute_dtype=planned_compute_dtype(cfg.encoder.device, cfg.encoder.compute_dtype,
                                                                        cfg.ray.gpus_per_actor),
-                                   batch_frames=cfg.encoder.batch_frames, threads=cfg.encoder.threads),
-        batch_size=rows_per_batch,
+                                   batch_frames=cfg.encoder.batch_frames, threads=cfg.encoder.threads,
+                                   writers=writers),
+        # a block (about one chunk) per call: a batch of several rows would wait for its last row, i.e. at the
+        # end of a run behind a video that hangs its decoder
+        batch_size=None,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=cfg.ray.encoder_actors, max_tasks_in_flight_per_actor=2),
         num_cpus=cfg.ray.encoder_cpus,
@@ -263,13 +288,12 @@ def open_writers(cfg: ExtractConfig, plans: list) -> dict:
     return writers
 
 
-def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
-    """Extract every group of the run for every video of ``cfg.corpus`` not already in it; see module doc."""
+def run_extract(cfg: ExtractConfig, progress: bool = True, encode_stage: type | None = None) -> ExtractSummary:
+    """Extract every group of the run for every video of ``cfg.corpus`` not already in it; see module doc.
+    (``encode_stage``: see ``build_pipeline``.)"""
     from dualfocus.extract.groups import plan_groups
-    from dualfocus.extract.writing import write_rows
     from dualfocus.pipeline.config import save_config
     from dualfocus.pipeline.corpus import read_corpus
-    from dualfocus.pipeline.progress import video_progress
 
     rows = read_corpus(cfg.corpus)                 # errors on duplicates / empty before any work
     compute_dtype = planned_compute_dtype(cfg.encoder.device, cfg.encoder.compute_dtype, cfg.ray.gpus_per_actor)
@@ -279,38 +303,86 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             check_vision_weights(plan.model, "vision_model." if plan.family == "eva" else "")
     summary = ExtractSummary(store=cfg.out, total=len(rows))
     start = time.perf_counter()
-    writers = open_writers(cfg, plans)
-    several = len(writers) > 1
-    for name, writer in writers.items():
-        summary.removed_garbage += [f"{name}/{entry}" if several else entry for entry in writer.removed_garbage()]
-    done = {name: writer.done_ids() for name, writer in writers.items()}
-    todo = []
-    for r in rows:
-        need = [name for name in writers if r.video_id not in done[name]]
-        if need:
-            todo.append({"video_id": r.video_id, "path": r.path, "need": ",".join(need)})
-    summary.skipped = len(rows) - len(todo)
-    if cfg.limit is not None:
-        todo = todo[: cfg.limit]
-    for name in {g for item in todo for g in item["need"].split(",")}:   # a group with nothing to do stays as is
-        save_config(cfg, writers[name].dir / "extract_config.yaml")
-    if not todo:
-        for writer in writers.values():
-            writer.close()
-        summary.seconds = time.perf_counter() - start
-        return summary
-
-    _init_ray(cfg)
-    ds = build_pipeline(cfg, todo, plans)
+    groups = open_writers(cfg, plans)
     try:
-        with video_progress(len(todo), enabled=progress) as advance:
-            write_rows(ds.iter_rows(), writers, summary, on_video=advance)
-    except BaseException:  # crash path: nothing more is committed; the next run removes the open shards
-        for writer in writers.values():
-            writer.abandon()
+        several = len(groups) > 1
+        for name, group in groups.items():
+            summary.removed_garbage += [f"{name}/{entry}" if several else entry for entry in group.removed_garbage()]
+        done = {name: group.done_ids() for name, group in groups.items()}
+        todo = []
+        for r in rows:
+            need = [name for name in groups if r.video_id not in done[name]]
+            if need:
+                todo.append({"video_id": r.video_id, "path": r.path, "need": ",".join(need)})
+        summary.skipped = len(rows) - len(todo)
+        if cfg.limit is not None:
+            todo = todo[: cfg.limit]
+        for name in {g for item in todo for g in item["need"].split(",")}:   # a group with nothing to do stays as is
+            save_config(cfg, groups[name].dir / "extract_config.yaml")
+        if todo:
+            _init_ray(cfg)
+            _write_in_parallel(cfg, todo, plans, groups, summary, progress, encode_stage)
+    except BaseException:
+        for group in groups.values():
+            group.abandon()
         raise
-    for writer in writers.values():
-        writer.close()
+    for group in groups.values():
+        group.close()
     summary.seconds = time.perf_counter() - start
     summary.failures_exceeded = cfg.failures_exceeded(summary.failed, summary.ok + summary.failed)
     return summary
+
+
+def _write_in_parallel(cfg: ExtractConfig, todo: list[dict], plans: list, groups: dict, summary: ExtractSummary,
+                       progress: bool, encode_stage: type | None) -> None:
+    """Run the pipeline into ``cfg.ray.n_writers()`` writer actors and count what they stored into ``summary``.
+
+    If the run stops (an actor or node lost, Ctrl-C), the writers still alive commit the videos they finished,
+    so the rerun redoes as little as possible; then a one-line ``UserError`` says so.
+    """
+    import ray
+
+    from dualfocus.extract.writer_actor import start_writers
+    from dualfocus.extract.writing import Outcome
+    from dualfocus.pipeline.errors import UserError
+    from dualfocus.pipeline.progress import video_progress
+
+    specs = {name: group.slot_specs(cfg.ray.n_writers()) for name, group in groups.items()}
+    writers = start_writers(specs, cpus=cfg.ray.writer_cpus, spread=bool(joins_cluster(cfg)),
+                            on_gpu_nodes=cfg.ray.gpus_per_actor > 0)
+    try:
+        ds = build_pipeline(cfg, todo, plans, writers, encode_stage)
+        with video_progress(len(todo), enabled=progress) as advance:
+            for row in ds.iter_rows():
+                advance(row)
+        outcomes = ray.get([writer.close.remote() for writer in writers])
+    except BaseException as e:
+        kept = _close_survivors(writers)
+        if isinstance(e, Exception):
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"extract stopped ({type(e).__name__}: {reason}); {kept} video(s) of this run are committed; "
+                            "run the same command again to redo only the rest") from e
+        raise
+    total = Outcome()
+    for outcome in outcomes:
+        total.merge(outcome)
+    order = {item["video_id"]: i for i, item in enumerate(todo)}
+    summary.ok, summary.failed, summary.frames, summary.bytes = total.ok, total.failed, total.frames, total.bytes
+    summary.failures = sorted(total.failures, key=lambda failure: order.get(failure[0], len(order)))
+    summary.groups = {name: total.groups.get(name, {"ok": 0, "failed": 0, "frames": 0, "bytes": 0}) for name in groups}
+
+
+def _close_survivors(writers: list, timeout_s: float = 120.0) -> int:
+    """Commit what each live writer finished; returns how many videos that kept (dead writers count 0)."""
+    import ray
+
+    refs = [writer.close.remote(stopped=True) for writer in writers]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    kept = 0
+    for ref in ready:
+        try:
+            outcome = ray.get(ref)
+        except Exception:  # noqa: BLE001 - a dead writer: its open shards are garbage for the next run
+            continue
+        kept += outcome.ok + outcome.failed
+    return kept

@@ -156,11 +156,13 @@ class EncodeStage:
     """Ray Data ``map_batches`` stage: chunk rows -> chunk rows with every group's taps.
 
     ``groups``: one plain dict per group, ``{"name", "model", "taps": {name: tap}, "image_size", "dtype"}``
-    (``extract.groups.GroupPlan.stage_spec``); each group's frozen encoder is loaded once per actor.
+    (``extract.groups.GroupPlan.stage_spec``); each group's frozen encoder is loaded once per actor. With
+    ``writers`` (``WriterActor`` handles) the encoded rows go straight to them and the stage returns only
+    progress rows (``writer_actor.progress_rows``).
     """
 
     def __init__(self, groups: list[dict], device: str, compute_dtype: str, batch_frames: int,
-                 threads: int | None):
+                 threads: int | None, writers: list | None = None):
         import torch
 
         from dualfocus.encoders import load_encoder
@@ -176,9 +178,20 @@ class EncodeStage:
             self.groups.append(EncoderGroup(spec["name"], lambda frames, e=encoder, t=taps: e(frames, t),
                                             encoder.tap_shapes(taps), transfer_dtype(spec["dtype"])))
         self.batch_frames = batch_frames
+        self.router = router_for(writers)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return encode_chunks(batch, self.groups, self.batch_frames)
+        out = encode_chunks(batch, self.groups, self.batch_frames)
+        return self.router.push(out) if self.router else out
+
+
+def router_for(writers: list | None):
+    """A ``writer_actor.Router`` over ``writers``, or None (rows are returned, not pushed)."""
+    if not writers:
+        return None
+    from dualfocus.extract.writer_actor import Router
+
+    return Router(writers)
 
 
 def encode_video(item: dict, decode: DecodeStage, encode: EncodeStage) -> dict[str, Any]:

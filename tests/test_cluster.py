@@ -169,10 +169,12 @@ def test_extract_submitted_as_a_ray_job_to_a_two_node_cluster(ray_cluster, tiny_
     corpus.write_text("".join(json.dumps({"video_id": v, "path": str(toy_corpus / "videos" / f"{v}.mp4")}) + "\n"
                               for v in videos))
     store = tmp_path / "store"
-    # 1 CPU per node and 1 CPU per actor: the decoding actor and the encoder actor land on different nodes
+    # 1 CPU per node and 1 CPU per actor: the decoding actor and the encoder actor land on different nodes;
+    # the two writers ask for no CPU (none is left) and are spread over both nodes
     entrypoint = shlex.join([*dualfocus_command(), "extract", str(corpus), "--model", str(tiny_model),
                              "--out", str(store), "--no-progress", "ray.address=auto", "ray.decode_workers=1",
-                             "ray.decode_cpus=1", "ray.encoder_actors=1", "ray.encoder_cpus=1"])
+                             "ray.decode_cpus=1", "ray.encoder_actors=1", "ray.encoder_cpus=1", "ray.writers=2",
+                             "ray.writer_cpus=0", "store.videos_per_shard=2"])
     client = JobSubmissionClient(ray_cluster.dashboard_url)
     start = time.monotonic()
     job = client.submit_job(entrypoint=entrypoint)
@@ -200,6 +202,10 @@ def test_extract_submitted_as_a_ray_job_to_a_two_node_cluster(ray_cluster, tiny_
     assert {a.node_id for a in workers if "DecodeStage" in a.class_name} != \
         {a.node_id for a in workers if "EncodeStage" in a.class_name}
     assert len({a.node_id for a in workers}) == 2
+    writers = [a for a in list_actors(address=ray_cluster.dashboard_url, detail=True, limit=1000)
+               if a.class_name == "WriterActor"]
+    assert len(writers) == 2 and len({a.node_id for a in writers}) == 2      # one writer per node
+    assert {p % 2 for p in set(rows["part"])} == {0, 1}                      # each wrote shards of its own
 
     # what the user reads is ours: no notices about Ray's own progress bars. (On a cluster the stages keep
     # Ray's actor restarts, so Ray's false-alarm "core_worker.cc" line may show; the local path has none,

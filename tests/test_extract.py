@@ -70,7 +70,7 @@ def test_stored_streams_equal_the_hugging_face_vision_model(zarr_store, tiny_mod
     vision = vision.float().eval()
     spec = load_image_spec(tiny_model)
     store = FeatureStore.open(zarr_store)
-    assert store.video_ids()[:N_VIDEOS] == [v.stem for v in videos]
+    assert {v.stem for v in videos} <= set(store.video_ids())
     for video in videos:
         _, timestamps, chunks = decode_video(video, fps=1.0, max_frames=None, size=spec.size)
         frames = np.concatenate(list(chunks))                                  # [t, 224, 224, 3] uint8
@@ -130,7 +130,7 @@ def test_zarr_and_webdataset_stores_read_back_the_same_arrays(zarr_store, wds_st
     assert wds.group_info("eva").format == "webdataset" and wds.fingerprint() == zarr.fingerprint()
     assert sorted(p.name for p in (wds_store / "groups" / "eva").glob("shard-*")) == ["shard-000000.tar",
                                                                                        "shard-000001.tar"]
-    assert wds.video_ids() == ODD_IDS
+    assert sorted(wds.video_ids()) == sorted(ODD_IDS)      # commit order, not corpus order
     for odd_id, video in zip(ODD_IDS, videos):
         a, b = zarr[video.stem], wds[odd_id]
         assert b.video_id == odd_id
@@ -144,8 +144,7 @@ def test_zarr_and_webdataset_stores_read_back_the_same_arrays(zarr_store, wds_st
 
 
 def test_odd_ids_are_stored_under_safe_keys_and_kept_verbatim(wds_store):
-    rows = latest(read_all(wds_store / "groups" / "eva"))
-    assert list(rows["video_id"]) == ODD_IDS
+    rows = latest(read_all(wds_store / "groups" / "eva")).set_index("video_id").loc[ODD_IDS].reset_index()
     assert list(rows["key"]) == [safe_key(i) for i in ODD_IDS]
     assert rows["key"].iloc[0] != ODD_IDS[0] and rows["key"].iloc[3] == "4"
     members = []

@@ -1,5 +1,5 @@
-"""The per-item pieces of extract without Ray: a video's chunk rows (decode_chunks) and how the driver
-turns the ordered row stream into manifest rows (write_rows)."""
+"""The per-item pieces of extract without Ray: a video's chunk rows (decode_chunks) and how a writer turns
+chunk rows, in any order, into manifest rows (VideoAssembler over SlotWriters)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 
 from dualfocus.extract.config import ExtractConfig
 from dualfocus.extract.decode import DecodeError, VideoInfo
-from dualfocus.extract.run import ExtractSummary
-from dualfocus.extract.writing import write_rows
 from dualfocus.extract.stages import decode_chunks
-from dualfocus.store import FeatureStore, GroupWriter
-from dualfocus.store.manifest import read_all
+from dualfocus.extract.writing import Outcome, VideoAssembler
+from dualfocus.store import FeatureStore, GroupWriter, StoreBusyError
+from dualfocus.store.manifest import latest, read_all
+from dualfocus.store.slot_writer import SlotWriter
 
 P, M, D = 5, 2, 3
 ITEM = {"video_id": "v", "path": "v.mp4"}
@@ -70,13 +70,13 @@ def test_decode_chunks_never_raises_for_a_bad_file():
     assert row["error"] == "file not found" and row["frames"].shape == (0, 4, 4, 3)
 
 
-def chunk(vid: str, k: int, *, first: int = 0, last: bool = False, error: str = "", need: str = "",
+def chunk(vid: str, k: int, *, index: int = 0, first: int = 0, last: bool = False, error: str = "", need: str = "",
           errors: dict | None = None) -> dict:
     """An encoded chunk row of video ``vid`` with frames ``first .. first+k-1`` (values = frame number), with
     arrays for groups eva (semantic, spatiotemporal) and dino (grid); ``errors`` = per-group encoder errors."""
     values = np.arange(first, first + k, dtype=np.float32)
     errors = errors or {}
-    return {"video_id": vid, "path": f"{vid}.mp4", "last": last, "error": error, "n_frames": 4, "need": need,
+    return {"video_id": vid, "path": f"{vid}.mp4", "chunk": index, "last": last, "error": error, "n_frames": 4, "need": need,
             "duration_s": 4.0, "native_fps": 10.0, "timestamps": values,
             "eva/semantic": np.broadcast_to(values[:, None, None], (k, P, D)),
             "eva/spatiotemporal": np.broadcast_to(values[:, None, None], (k, M, D)),
@@ -84,55 +84,72 @@ def chunk(vid: str, k: int, *, first: int = 0, last: bool = False, error: str = 
             "eva/error": errors.get("eva", ""), "dino/error": errors.get("dino", "")}
 
 
-def writer(root, group: str) -> GroupWriter:
-    taps = {"semantic": (P, D), "spatiotemporal": (M, D)} if group == "eva" else {"grid": (M, D)}
-    return GroupWriter(root, group, taps=taps, fingerprint={"t": 1}, sampling={"fps": 1.0, "max_frames": None})
+def writers(root, *groups: str, slots: int = 1) -> tuple[dict, list[dict]]:
+    """GroupWriters holding ``groups`` of the store at ``root``, and per slot its ``SlotWriter`` of each group."""
+    opened = {}
+    for group in groups:
+        taps = {"semantic": (P, D), "spatiotemporal": (M, D)} if group == "eva" else {"grid": (M, D)}
+        opened[group] = GroupWriter(root, group, taps=taps, fingerprint={"t": 1},
+                                    sampling={"fps": 1.0, "max_frames": None}, videos_per_shard=2)
+    specs = {group: w.slot_specs(slots) for group, w in opened.items()}
+    return opened, [{group: SlotWriter(specs[group][s]) for group in groups} for s in range(slots)]
 
 
-def test_write_rows_gives_one_manifest_row_per_video(tmp_path):
+def assemble(root, rows, *groups: str) -> Outcome:
+    held, (slot,) = writers(root, *groups)
+    assembler = VideoAssembler(slot)
+    for row in rows:
+        assembler.add(row)
+    outcome = assembler.close()
+    for group in held.values():
+        group.close()
+    return outcome
+
+
+def test_one_manifest_row_per_video_whatever_the_order_of_its_chunks(tmp_path):
     rows = [
-        chunk("ok1", 2), chunk("ok1", 2, first=2, last=True),
-        chunk("cut", 2), chunk("cut", 0, error="video data ends early"),           # aborted mid-video
-        chunk("never", 0, error="file not found"),                                   # failed before any frame
-        chunk("batch", 0, error="encoder failed: OOM"), chunk("batch", 0, error="encoder failed: OOM"),
-        chunk("batch", 2, first=2, last=True),                                       # leftovers of a failed batch
+        chunk("late", 2, index=1, first=2, last=True),                               # its second chunk first
+        chunk("ok1", 2), chunk("cut", 2),                                            # interleaved videos
+        chunk("ok1", 2, index=1, first=2, last=True),
+        chunk("cut", 0, index=-1, error="video data ends early"),                    # aborted mid-video
+        chunk("never", 0, index=-1, error="file not found"),                         # failed before any frame
+        chunk("oom", 2, errors={"eva": "encoder failed: OOM"}), chunk("oom", 2, index=1, first=2, last=True),
+        chunk("late", 2),
+        chunk("ok1", 2), chunk("late", 2),                                           # repeats (a retried task)
         chunk("ok2", 4, last=True),
+        chunk("lost", 2),                                                            # its last chunk never came
     ]
-    summary = ExtractSummary(store=str(tmp_path))
-    seen = []
-    with writer(tmp_path, "eva") as eva:
-        write_rows(iter(rows), {"eva": eva}, summary, on_video=seen.append)
-    assert (summary.ok, summary.failed, summary.frames) == (2, 3, 8)
-    assert [v for v, _ in summary.failures] == ["cut", "never", "batch"]
-    assert [r["video_id"] for r in seen] == ["ok1", "cut", "never", "batch", "ok2"]
+    outcome = assemble(tmp_path, rows, "eva")
+    assert (outcome.ok, outcome.failed, outcome.frames) == (3, 4, 12)
+    assert outcome.failures == [("cut", "video data ends early"), ("never", "file not found"),
+                                ("oom", "encoder failed: OOM"),
+                                ("lost", "its chunks did not all reach the writer (chunk 1 never came)")]
 
     manifest = read_all(tmp_path / "groups" / "eva")
-    assert list(manifest["video_id"]) == ["ok1", "cut", "never", "batch", "ok2"]
-    assert list(manifest["status"]) == ["ok", "failed", "failed", "failed", "ok"]
+    assert sorted(manifest["video_id"]) == ["cut", "late", "lost", "never", "ok1", "ok2", "oom"]   # once each
+    status = dict(zip(manifest["video_id"], manifest["status"]))
+    assert [vid for vid, s in sorted(status.items()) if s == "ok"] == ["late", "ok1", "ok2"]
+    assert max(manifest.groupby("shard").size()) <= 2                                  # videos_per_shard
     store = FeatureStore.open(tmp_path)
-    for vid in ("ok1", "ok2"):
+    for vid in ("ok1", "ok2", "late"):
         np.testing.assert_array_equal(store[vid].timestamps, [0, 1, 2, 3])
         np.testing.assert_array_equal(store[vid]["semantic"][:, 0, 0], [0, 1, 2, 3])
 
 
-def test_write_rows_feeds_each_group_what_it_needs(tmp_path):
+def test_each_group_gets_what_it_needs(tmp_path):
     """One decode, two groups: a video already in eva goes to dino only; an encoder error fails its group only;
     a decode error fails the video in every group that needed it."""
     rows = [
-        chunk("both", 2), chunk("both", 2, first=2, last=True),
+        chunk("both", 2), chunk("both", 2, index=1, first=2, last=True),
         chunk("dino_only", 4, last=True, need="dino"),
-        chunk("dino_oom", 2, errors={"dino": "encoder failed: OOM"}), chunk("dino_oom", 2, first=2, last=True),
-        chunk("broken", 2), chunk("broken", 0, error="video data ends early"),
+        chunk("dino_oom", 2, errors={"dino": "encoder failed: OOM"}), chunk("dino_oom", 2, index=1, first=2, last=True),
+        chunk("broken", 2), chunk("broken", 0, index=-1, error="video data ends early"),
     ]
-    summary = ExtractSummary(store=str(tmp_path))
-    seen = []
-    with writer(tmp_path, "eva") as eva, writer(tmp_path, "dino") as dino:
-        write_rows(iter(rows), {"eva": eva, "dino": dino}, summary, on_video=seen.append)
-    assert [r["video_id"] for r in seen] == ["both", "dino_only", "dino_oom", "broken"]
-    assert (summary.ok, summary.failed, summary.frames) == (2, 2, 8)
-    assert summary.failures == [("dino_oom", "encoder failed: OOM"), ("broken", "video data ends early")]
-    assert summary.groups["eva"] == {"ok": 2, "failed": 1, "frames": 8, "bytes": summary.groups["eva"]["bytes"]}
-    assert (summary.groups["dino"]["ok"], summary.groups["dino"]["failed"]) == (2, 2)
+    outcome = assemble(tmp_path, rows, "eva", "dino")
+    assert (outcome.ok, outcome.failed, outcome.frames) == (2, 2, 8)
+    assert outcome.failures == [("dino_oom", "encoder failed: OOM"), ("broken", "video data ends early")]
+    assert outcome.groups["eva"] == {"ok": 2, "failed": 1, "frames": 8, "bytes": outcome.groups["eva"]["bytes"]}
+    assert (outcome.groups["dino"]["ok"], outcome.groups["dino"]["failed"]) == (2, 2)
     status = {g: dict(zip(m["video_id"], m["status"])) for g in ("eva", "dino")
               for m in [read_all(tmp_path / "groups" / g)]}
     assert status["eva"] == {"both": "ok", "dino_oom": "ok", "broken": "failed"}
@@ -140,6 +157,57 @@ def test_write_rows_feeds_each_group_what_it_needs(tmp_path):
     store = FeatureStore.open(tmp_path)
     np.testing.assert_array_equal(store.read("dino_only", streams=["grid"])["grid"][:, 0, 0], [0, -1, -2, -3])
     np.testing.assert_array_equal(store.read("dino_oom", streams=["semantic"])["semantic"][:, 0, 0], [0, 1, 2, 3])
+
+
+def test_a_stopped_run_commits_finished_videos_and_leaves_the_rest_without_a_row(tmp_path):
+    held, (slot,) = writers(tmp_path, "eva", "dino")
+    assembler = VideoAssembler(slot)
+    for row in [chunk("done", 4, last=True), chunk("half", 2), chunk("later", 2, index=1, first=2, last=True),
+                chunk("eva_only", 2, need="eva,dino", errors={"dino": "encoder failed: OOM"})]:
+        assembler.add(row)
+    outcome = assembler.close(drop_incomplete=True)
+    for group in held.values():
+        group.close()
+    assert (outcome.ok, outcome.failed) == (1, 0)
+    eva, dino = (latest(read_all(tmp_path / "groups" / g)) for g in ("eva", "dino"))
+    assert list(eva["video_id"]) == ["done"]                                  # no row for what was not finished
+    assert dict(zip(dino["video_id"], dino["status"])) == {"done": "ok", "eva_only": "failed"}
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]          # and no temp shard left behind
+    assert set(eva["shard"]) == {p.name for p in (tmp_path / "groups" / "eva").glob("shard-*")}
+
+
+def test_parallel_slots_write_disjoint_shards_and_a_later_run_writes_above_them(tmp_path):
+    held, slots = writers(tmp_path, "eva", slots=3)
+    assemblers = [VideoAssembler(slot) for slot in slots]
+    vids = [f"v{i}" for i in range(12)]
+    for i, vid in enumerate(vids):
+        assemblers[i % 3].add(chunk(vid, 4, last=True))
+    outcomes = [a.close() for a in assemblers]
+    held["eva"].close()
+    assert [o.ok for o in outcomes] == [4, 4, 4]
+    first = read_all(tmp_path / "groups" / "eva")
+    assert sorted(first["video_id"]) == sorted(vids)
+    assert sorted(set(first["part"])) == list(range(6))       # slot s of 3: parts s, s + 3
+    assert {p % 3 for p in first.loc[first["video_id"].isin(["v0", "v3", "v6", "v9"]), "part"]} == {0}
+
+    held, (slot,) = writers(tmp_path, "eva")                   # the next run: names above every committed one
+    assert held["eva"].first_index == 6 and held["eva"].done_ids() == set(vids)
+    assembler = VideoAssembler(slot)
+    assembler.add(chunk("v0", 0, index=-1, error="retried and failed"))
+    assembler.close()
+    held["eva"].close()
+    assert latest(read_all(tmp_path / "groups" / "eva")).set_index("video_id").loc["v0", "status"] == "failed"
+
+
+def test_a_new_run_waits_for_slot_writers_of_a_killed_one(tmp_path):
+    held, (slot,) = writers(tmp_path, "eva")
+    held["eva"].abandon()                                      # the driver is gone, its writer is not
+    with pytest.raises(StoreBusyError, match=r"writers of an earlier run still hold group 'eva'.*after 0 s"):
+        GroupWriter(tmp_path, "eva", taps={"semantic": (P, D), "spatiotemporal": (M, D)}, fingerprint={"t": 1},
+                    sampling={"fps": 1.0, "max_frames": None}, stale_writers_wait_s=0.0)
+    slot["eva"].abandon()
+    GroupWriter(tmp_path, "eva", taps={"semantic": (P, D), "spatiotemporal": (M, D)}, fingerprint={"t": 1},
+                sampling={"fps": 1.0, "max_frames": None}, stale_writers_wait_s=0.0).close()
 
 
 def test_max_failures_as_count_or_fraction():
