@@ -18,7 +18,7 @@ tests=(tests/test_extract_resume.py
        tests/test_judge.py::test_intermittent_failures_are_retried
        tests/test_extract_bad_inputs.py::test_every_video_gets_a_row_and_too_many_failures_exit_1
        tests/test_extract_groups.py::test_kill_during_a_second_group_then_rerun
-       tests/test_train_multirank.py tests/test_cluster.py)
+       tests/test_extract_parallel.py tests/test_train_multirank.py tests/test_cluster.py)
 out="$PWD"
 for i in $(seq 1 "$n"); do
   start=$(date +%s)

@@ -22,6 +22,8 @@ from dualfocus.extract.decode_worker import HANG_ENV
 from dualfocus.store import FeatureStore
 from dualfocus.store.manifest import latest, read_all
 
+pytestmark = pytest.mark.long(minutes=4)
+
 N_VIDEOS = 12
 
 
