@@ -3,6 +3,7 @@
 extraction runs resumable.
 
     GroupWriter(root, "eva", taps={"semantic": (P, D), ...}, fingerprint=..., sampling=...)  # write a group
+    SlotWriter(spec) for spec in group_writer.slot_specs(n)                                  # ... n in parallel
     FeatureStore.open(root).read(video_id, frames, streams=["semantic"]) -> VideoFeatures    # read
     summarize(root) -> dict                                                                  # inspect
 """
@@ -13,6 +14,7 @@ from .keys import safe_key
 from .migrate import migrate_v1
 from .protocols import ArraySpec, Extent, ShardReader, ShardWriter
 from .reader import FeatureStore, MissingStreamError, VideoFeatures
+from .slot_writer import SlotSpec, SlotWriter
 from .summary import summarize
 from .writer import GroupWriter
 
@@ -26,6 +28,8 @@ __all__ = [
     "NotAStoreError",
     "ShardReader",
     "ShardWriter",
+    "SlotSpec",
+    "SlotWriter",
     "StoreBusyError",
     "StoreError",
     "StoreMismatchError",

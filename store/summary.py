@@ -11,7 +11,9 @@ from .dtypes import FEATURE_DTYPES, on_disk_arrays
 
 def _disk_bytes(path: Path) -> int:
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        from .zarr_shard import disk_bytes
+
+        return disk_bytes(path)
     return path.stat().st_size
 
 

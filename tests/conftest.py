@@ -144,14 +144,14 @@ def streams_store(tmp_path_factory, toy_corpus, tiny_model, tiny_encoders) -> Pa
     """The toy corpus with every stream the connectors read, from one `extract` run of the CLI (one decode, six
     groups; encoder groups in float32): eva (semantic, spatiotemporal), qavit (cut = hidden[1], QA-ViT's input: the
     tiny tower has 3 blocks), slowfast (grid = grid@8x8), siglip and dino (grid = grid@8x8, LongVU's) and pixels
-    (112 px frames and boxes, Video-Panda's)."""
+    (112 px frames and boxes, Video-Panda's). Two shard writers, so every group is written in two slots."""
     def build(folder: Path) -> Path:
         run_cli("extract", toy_corpus / "videos", "--out", folder / "store", "--model", tiny_model,
                 "--encoder", f"qavit={tiny_model}", "encoders.qavit.taps.cut=hidden[1]",
                 "--encoder", f"slowfast={tiny_model}", "encoders.slowfast.taps.grid=grid@8x8",
                 "--encoder", f"siglip={tiny_encoders['siglip']}", "encoders.siglip.taps.grid=grid@8x8",
                 "--encoder", f"dino={tiny_encoders['dinov2']}", "encoders.dino.taps.grid=grid@8x8",
-                "--pixels", "112", "store.dtype=float32", "--no-progress")
+                "--pixels", "112", "store.dtype=float32", "--writers", "2", "store.videos_per_shard=4", "--no-progress")
         return folder / "store"
 
     return built_once(tmp_path_factory, "streams", build)

@@ -223,3 +223,16 @@ def test_decode_pool_bounds_are_checked():
         "decode_min_workers (3) must be <= decode_workers (2)"]
     assert RayConfig(writers=0).check() == ["writers must be >= 1 or null, got 0"]
     assert RayConfig().n_writers() == 1 and RayConfig(encoder_actors=4).n_writers() == 4
+
+
+def test_every_group_of_a_six_group_run_is_written_by_both_writers(streams_store):
+    """conftest's streams_store: one extract run, six groups (five encoders and the pixels), two writers."""
+    groups = sorted(p for p in (streams_store / "groups").iterdir() if p.is_dir())
+    assert [g.name for g in groups] == ["dino", "eva", "pixels", "qavit", "siglip", "slowfast"]
+    for group in groups:
+        rows = read_all(group)
+        assert len(rows) == 12 and rows["video_id"].is_unique and (rows["status"] == "ok").all(), group.name
+        assert {part % 2 for part in set(rows["part"])} == {0, 1}, group.name        # both slots wrote shards
+        assert {p.name for p in group.glob("shard-*")} == set(rows["shard"]), group.name
+    store = FeatureStore.open(streams_store)
+    assert len(store.video_ids()) == 12

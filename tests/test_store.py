@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from types import SimpleNamespace
 
@@ -284,3 +285,19 @@ def test_an_aborted_video_leaves_no_frames_in_the_shard(tmp_path, flushed_frames
     np.testing.assert_array_equal(store["b"]["x"][:, 0, 0], np.full(30, 2.0))
     (shard,) = (tmp_path / "groups" / "g").glob("shard-*.zarr")
     assert zarr.open_group(str(shard), mode="r")["x"].shape[0] == 70        # a + b, nothing of "bad"
+
+
+def test_inspect_reads_a_zarr_shards_size_from_its_attributes_and_it_equals_its_files(tmp_path):
+    from dualfocus.store.zarr_shard import ZARR_JSON, disk_bytes
+
+    with GroupWriter(tmp_path, "g", taps={"x": (4, 8)}, fingerprint={}, sampling={"fps": 1.0, "max_frames": None}) as w:
+        w.begin_video("a", "a.mp4")
+        w.add_frames({"x": np.random.default_rng(0).standard_normal((100, 4, 8))}, np.arange(100, dtype=np.float32))
+        w.end_video()
+    (shard,) = (tmp_path / "groups" / "g").glob("shard-*.zarr")
+    walked = sum(p.stat().st_size for p in shard.rglob("*") if p.is_file())
+    assert disk_bytes(shard) == walked == summarize(tmp_path)["groups"]["g"]["disk_bytes"]
+    meta = json.loads((shard / ZARR_JSON).read_text())
+    meta["attributes"]["disk_bytes"] = 7                        # proof that the attribute, not a walk, is read
+    (shard / ZARR_JSON).write_text(json.dumps(meta))
+    assert disk_bytes(shard) == 7 + (shard / ZARR_JSON).stat().st_size
