@@ -170,6 +170,12 @@ class DecordDecoder:
             duration = float(times[-1, 1] - times[0, 0])
         else:
             duration = n / fps if fps > 0 else 0.0
+        declared = _declared_duration(path)
+        if declared is not None and declared - duration > max(0.5, 2 / fps if fps > 0 else 0.5):
+            # decord indexes the packets it can read: a file cut at a packet boundary looks like a shorter
+            # video to it, with no error. The header still says how long the stream was.
+            raise DecodeError(f"video data ends at {duration:.2f}s, before the {declared:.2f}s its header "
+                              "declares (truncated file?)")
         return VideoInfo(duration, fps, n, int(first[1]), int(first[0]), self.name)
 
     def read_frames(
@@ -333,6 +339,21 @@ class PyAVDecoder:
             container.close()
             raise DecodeError("no video stream")
         return container
+
+
+def _declared_duration(path: str) -> float | None:
+    """The video stream's duration in seconds as its container header declares it (no decoding), or None when
+    the header gives none (e.g. Matroska) or cannot be read."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+    except Exception:  # noqa: BLE001 - no usable header: nothing to compare with
+        return None
+    return None
 
 
 def nearest_frames(frame_starts: np.ndarray, timestamps: np.ndarray) -> np.ndarray:

@@ -75,19 +75,18 @@ def write_truncated(src: Path, dst: Path, fraction: float = 0.5) -> Path:
     return dst
 
 
-def write_cut_at(src: Path, dst: Path, seconds: float) -> Path:
+def write_cut_at(src: Path, dst: Path, seconds: float, boundary: bool = False) -> Path:
     """``src`` cut half-way into its first packet (in file order) shown at or after ``seconds``, as a broken download
     ends: with the index at the front (faststart) the file still opens, and the data runs out at about ``seconds``.
     A byte position, not a share of the file, so the cut stays put in time wherever the encoder spends its bits.
-    (Cut exactly at a packet boundary instead, decord reads the file as a shorter video without an error, while
-    PyAV reports the truncation; see the session-26 note.)"""
+    ``boundary``: cut exactly where that packet starts instead (decord then sees a whole, shorter video)."""
     import av
 
     with av.open(str(src)) as container:
         stream = container.streams.video[0]
         pos, size = min((packet.pos, packet.size) for packet in container.demux(stream)
                         if packet.pts is not None and packet.pos is not None and packet.pts * stream.time_base >= seconds)
-    dst.write_bytes(src.read_bytes()[: pos + size // 2])
+    dst.write_bytes(src.read_bytes()[: pos + (0 if boundary else size // 2)])
     return dst
 
 

@@ -15,6 +15,7 @@ from media import (
     index_coded_frames,
     read_index_code,
     write_audio_only,
+    write_cut_at,
     write_flat_video,
     write_index_video,
     write_mkv,
@@ -242,6 +243,21 @@ def test_half_a_streamable_mp4_reports_truncation(media, backend):
     path = write_truncated(full, media / "streamable_cut.mp4", 0.5)
     with pytest.raises(DecodeError, match=r"video data ends at .* \(truncated file\?\)"):
         _decode_all(path, fps=5, size=40, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seconds", [1.5, 3.4])
+def test_a_file_cut_at_a_packet_boundary_is_reported_as_truncated(media, backend, seconds):
+    """Cut exactly between two packets, decord's own index holds only what is left, so the file read as a whole,
+    shorter video (stored as ok); the header's duration gives it away."""
+    from dualfocus.pipeline.toy import write_mp4
+
+    full = media / "boundary_full.mp4"
+    if not full.exists():
+        write_mp4(full, index_coded_frames(50), 10, faststart=True)
+    path = write_cut_at(full, media / f"boundary_{seconds}.mp4", seconds, boundary=True)
+    with pytest.raises(DecodeError, match=r"video data ends at .* \(truncated file\?\)"):
+        _decode_all(path, fps=1, size=40, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
