@@ -138,7 +138,14 @@ def start_writers(specs: dict[str, list], cpus: float, spread: bool, on_gpu_node
         raise UserError(f"ray.writers={slots} with ray.writer_cpus={cpus}: only {len(ready)} writer(s) could be "
                         f"placed within {placement_timeout_s:.0f} s ({free:g} CPUs free in the cluster); lower "
                         "ray.writers or ray.writer_cpus, or free CPUs")
-    ray.get(refs)   # a refusal (e.g. the group's lock) surfaces here
+    try:
+        ray.get(refs)   # a refusal (e.g. the group's lock) surfaces here
+    except ray.exceptions.RayError as e:
+        for actor in actors:
+            ray.kill(actor)
+        cause = str(e).strip().splitlines()
+        raise UserError(f"a shard writer could not start ({cause[-1] if cause else type(e).__name__}); if a node was "
+                        "just lost, run the same command again once the cluster has marked it dead") from None
     return actors
 
 

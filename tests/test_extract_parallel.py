@@ -22,7 +22,7 @@ from dualfocus.extract.decode_worker import HANG_ENV
 from dualfocus.store import FeatureStore
 from dualfocus.store.manifest import latest, read_all
 
-pytestmark = pytest.mark.long(minutes=4)
+pytestmark = pytest.mark.long(minutes=5)
 
 N_VIDEOS = 12
 
@@ -236,3 +236,70 @@ def test_every_group_of_a_six_group_run_is_written_by_both_writers(streams_store
         assert {p.name for p in group.glob("shard-*")} == set(rows["shard"]), group.name
     store = FeatureStore.open(streams_store)
     assert len(store.video_ids()) == 12
+
+
+@pytest.fixture(scope="module")
+def bigger_corpus(tmp_path_factory) -> Path:
+    from dualfocus.pipeline.toy import make_toy_corpus
+
+    root = tmp_path_factory.mktemp("parallel60") / "toy"
+    make_toy_corpus(root, n_videos=60, seed=6)
+    return root / "videos"
+
+
+def test_a_node_lost_mid_run_then_the_same_command_again_stores_every_video_once(bigger_corpus, tiny_model, tmp_path):
+    """A two-node cluster (``ray.cluster_utils.Cluster``: head and one worker node on this machine), one writer
+    pinned on each; the worker node is killed once two videos are committed (of 60, so the run is far from done),
+    taking its writer and whatever else ran there. The same command again, on the head alone: every video once."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from dualfocus.extract.config import ExtractConfig
+    from dualfocus.extract.run import run_extract
+    from dualfocus.pipeline.config import load_config
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        store = tmp_path / "store"
+        group = store / "groups" / "eva"
+        values = {"corpus": str(bigger_corpus), "model": str(tiny_model), "out": str(store),
+                  "ray.address": cluster.address, "ray.writers": 2, "ray.writer_cpus": 0,
+                  "store.videos_per_shard": 1}
+        outcome: dict = {}
+
+        def first_run():
+            try:
+                run_extract(load_config(ExtractConfig, values=values), progress=False)
+            except BaseException as e:  # noqa: BLE001 - the test looks at it
+                outcome["error"] = e
+
+        thread = threading.Thread(target=first_run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 300
+        while len(committed(group)) < 2 and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert thread.is_alive() and len(committed(group)) >= 2, f"no commit while running: {outcome}"
+        cluster.remove_node(worker, allow_graceful=False)
+        cluster.wait_for_nodes()                  # until the cluster itself counts the node as gone
+        thread.join(300)
+        assert not thread.is_alive(), "the run did not end after the node was lost"
+        assert "extract stopped" in str(outcome.get("error")), outcome
+        before = latest(read_all(group))
+        assert 0 < len(before) < 60 and (before["status"] == "ok").all()
+        ray.shutdown()
+
+        out = run_cli("extract", str(bigger_corpus), "--model", str(tiny_model), "--out", str(store), "--no-progress",
+                      f"ray.address={cluster.address}", "--writers", "2", "ray.writer_cpus=0",
+                      "store.videos_per_shard=1").stdout
+        assert f"ok {60 - len(before)} | failed 0 | skipped {len(before)}" in out, out
+        rows = read_all(group)
+        assert len(rows) == 60 and rows["video_id"].is_unique and (rows["status"] == "ok").all()
+        assert not [p for p in store.rglob("*") if ".tmp-" in p.name]
+        assert {p.name for p in group.glob("shard-*")} == set(rows["shard"])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
