@@ -229,11 +229,10 @@ class PyAVDecoder:
     def probe(self, path: str) -> VideoInfo:
         with self._open(path) as container:
             stream = container.streams.video[0]
-            tb = stream.time_base
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
             n = stream.frames
-            duration = float(stream.duration * tb) if stream.duration and tb else 0.0
+            duration = _stream_duration(stream) or 0.0
             if n <= 0 or duration <= 0:
                 # No per-stream metadata (e.g. Matroska). The container duration may cover a longer
                 # audio track, so measure the video packets instead (demuxing only, no decoding).
@@ -348,11 +347,15 @@ def _declared_duration(path: str) -> float | None:
 
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0]
-            if stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
+            return _stream_duration(container.streams.video[0])
     except Exception:  # noqa: BLE001 - no usable header: nothing to compare with
         return None
+
+
+def _stream_duration(stream) -> float | None:
+    """A PyAV stream's duration in seconds from its header, or None when it gives none."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
     return None
 
 

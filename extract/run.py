@@ -26,25 +26,20 @@ from pathlib import Path
 
 from dualfocus.extract.config import ExtractConfig
 from dualfocus.extract.encoder import POOL_FACTOR, SEMANTIC_LAYER, SPATIOTEMPORAL_LAYER, planned_compute_dtype
+from dualfocus.extract.writing import Outcome
 
 
 @dataclass
-class ExtractSummary:
-    """What an extract run did; printed at the end and returned to callers."""
+class ExtractSummary(Outcome):
+    """What an extract run did; printed at the end and returned to callers. The counts (ok, failed, frames,
+    bytes, failures, groups: printed per group when the run writes several) are its writers' outcomes merged."""
 
-    store: str
+    store: str = ""
     total: int = 0
-    ok: int = 0
-    failed: int = 0
     skipped: int = 0
-    frames: int = 0
-    bytes: int = 0
     seconds: float = 0.0
     removed_garbage: list[str] = field(default_factory=list)
-    failures: list[tuple[str, str]] = field(default_factory=list)
     failures_exceeded: bool = False
-    groups: dict[str, dict] = field(default_factory=dict)
-    """Per group written: ``{"ok", "failed", "frames", "bytes"}`` (printed when the run writes several)."""
 
     @property
     def frames_per_s(self) -> float:
@@ -183,12 +178,11 @@ MAX_INPUT_BLOCKS = 10_000
 that hangs delays only itself); beyond it a block holds several videos."""
 
 
-def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list, writers: list | None = None,
-                   encode_stage: type | None = None):
+def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list, writers: list, encode_stage: type | None = None):
     """The Ray Dataset for the videos in ``todo`` (lazy; nothing runs yet).
 
-    With ``writers`` (``WriterActor`` handles) the encoded chunks go to them and the dataset's rows are progress
-    rows (``writer_actor.progress_rows``); without, its rows are the encoded chunk rows (tests).
+    The encoded chunks go to ``writers`` (``WriterActor`` handles); the dataset's rows are progress rows
+    (``writer_actor.progress_rows``).
     ``encode_stage`` replaces ``EncodeStage`` (same constructor; ``benchmarks/extract_scale.py``'s synthetic one).
     Each video is decoded once, at the largest frame size any group's encoder reads; every encoder of the
     run sits in each encoder actor and resizes from there to its own size (``encoders.prepare_frames``).
@@ -248,7 +242,7 @@ def build_pipeline(cfg: ExtractConfig, todo: list[dict], plans: list, writers: l
         **restarts,
     )
     if not encoders:  # the pixels group alone: nothing to encode
-        return ds.map_batches(route, fn_kwargs={"writers": writers}, batch_format="numpy") if writers else ds
+        return ds.map_batches(route, fn_kwargs={"writers": writers}, batch_format="numpy")
     ds = ds.map_batches(
         encode_stage or EncodeStage,
         fn_constructor_kwargs=dict(groups=[plan.stage_spec() for plan in encoders], device=cfg.encoder.device,
@@ -342,8 +336,8 @@ def _write_in_parallel(cfg: ExtractConfig, todo: list[dict], plans: list, groups
     """
     import ray
 
+    from dualfocus.extract.stages import one_line_reason
     from dualfocus.extract.writer_actor import start_writers
-    from dualfocus.extract.writing import Outcome
     from dualfocus.pipeline.errors import UserError
     from dualfocus.pipeline.progress import video_progress
 
@@ -359,17 +353,13 @@ def _write_in_parallel(cfg: ExtractConfig, todo: list[dict], plans: list, groups
     except BaseException as e:
         kept = _close_survivors(writers)
         if isinstance(e, Exception):
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"extract stopped ({type(e).__name__}: {reason}); {kept} video(s) of this run are committed; "
+            raise UserError(f"extract stopped ({one_line_reason(e)}); {kept} video(s) of this run are committed; "
                             "run the same command again to redo only the rest") from e
         raise
-    total = Outcome()
-    for outcome in outcomes:
-        total.merge(outcome)
+    for outcome in outcomes:   # each writer counts every group of the run
+        summary.merge(outcome)
     order = {item["video_id"]: i for i, item in enumerate(todo)}
-    summary.ok, summary.failed, summary.frames, summary.bytes = total.ok, total.failed, total.frames, total.bytes
-    summary.failures = sorted(total.failures, key=lambda failure: order.get(failure[0], len(order)))
-    summary.groups = {name: total.groups.get(name, {"ok": 0, "failed": 0, "frames": 0, "bytes": 0}) for name in groups}
+    summary.failures.sort(key=lambda failure: order.get(failure[0], len(order)))
 
 
 def _close_survivors(writers: list, timeout_s: float = 120.0) -> int:

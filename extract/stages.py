@@ -65,10 +65,11 @@ def decode_chunks(item: dict, decode_fn, *, fps: float, max_frames: int | None, 
         pending["last"] = True
         yield pending
     except Exception as e:  # a bad video is a recorded failure, never a stopped job
-        yield _row(item, chunk=-1, error=_reason(e), **empty)
+        yield _row(item, chunk=-1, error=one_line_reason(e), **empty)
 
 
-def _reason(e: BaseException) -> str:
+def one_line_reason(e: BaseException) -> str:
+    """``Type: first line`` of an exception (a DecodeError's own text alone)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     name = type(e).__name__
     return text if name == "DecodeError" and text else f"{name}: {text}" if text else name
@@ -114,7 +115,7 @@ def encode_chunks(batch: dict[str, Any], groups: Sequence[EncoderGroup], batch_f
                     per_row[i] = {tap: arr[offset:offset + k] for tap, arr in taps.items()}
                     offset += k
         except Exception as e:  # noqa: BLE001 - recorded per video, never a stopped job
-            error, per_row = f"encoder failed: {_reason(e)}", {}
+            error, per_row = f"encoder failed: {one_line_reason(e)}", {}
         for tap, shape in group.shapes.items():
             empty = np.zeros((0, *shape), group.transfer)
             out[f"{group.name}/{tap}"] = _ragged([per_row[i][tap] if i in per_row else empty for i in range(n)])

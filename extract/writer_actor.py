@@ -121,13 +121,14 @@ def start_writers(specs: dict[str, list], cpus: float, spread: bool, on_gpu_node
 
     slots = len(next(iter(specs.values())))
     nodes = writer_nodes(on_gpu_nodes) if spread else []
+    actor_class = ray.remote(WriterActor)
     actors = []
     for slot in range(slots):
         # soft: a node without room passes the writer on. Ray 2.60 ignores a soft request for an actor that
         # asks for no CPU (it lands anywhere), so such a writer is pinned (it always fits)
         strategy = (NodeAffinitySchedulingStrategy(nodes[slot % len(nodes)], soft=cpus > 0) if nodes
                     else "DEFAULT")
-        remote = ray.remote(WriterActor).options(num_cpus=cpus, max_restarts=0, scheduling_strategy=strategy)
+        remote = actor_class.options(num_cpus=cpus, max_restarts=0, scheduling_strategy=strategy)
         actors.append(remote.remote({name: group_specs[slot] for name, group_specs in specs.items()}))
     refs = [actor.__ray_ready__.remote() for actor in actors]
     ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=placement_timeout_s)

@@ -82,8 +82,7 @@ class ZarrShardWriter:
         # What the shard's files take on disk, kept in its group attributes so that `inspect` reads one small
         # file per shard instead of walking its thousands (the root zarr.json itself is not counted here)
         root = Path(self.group.store.root)
-        self.group.attrs["disk_bytes"] = sum(p.stat().st_size for p in root.rglob("*")
-                                             if p.is_file() and p != root / ZARR_JSON)
+        self.group.attrs["disk_bytes"] = _files_bytes(root, skip=root / ZARR_JSON)
 
     def release(self) -> None:
         self.buffers = {}
@@ -109,7 +108,12 @@ def disk_bytes(path: Path) -> int:
         recorded = None
     if recorded is not None:
         return int(recorded) + meta.stat().st_size
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    return _files_bytes(Path(path))
+
+
+def _files_bytes(root: Path, skip: Path | None = None) -> int:
+    """Sizes of the files under ``root`` (but ``skip``), summed."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p != skip)
 
 
 class ZarrShardReader:

@@ -25,7 +25,7 @@ from dualfocus.store.manifest import latest, read_all
 
 ODD_ID = "dir/sub.v 1"
 GOOD = ["good0", "good1", "short", ODD_ID]
-FAILED = ["missing", "empty", "truncated", "truncated_tail", "text", "audio_only", "hang"]
+FAILED = ["missing", "empty", "truncated", "truncated_tail", "cut_between_packets", "text", "audio_only", "hang"]
 TIMEOUT_S = 10  # a healthy 2-frame chunk never takes this long, even on a loaded machine
 
 
@@ -41,11 +41,13 @@ def make_bad_corpus(root: Path, toy_videos: list[Path]) -> Path:
     write_truncated(toy_videos[4], media / "truncated.mp4", 0.5)            # index (moov) at the end: unreadable
     write_mp4(media / "tail.mp4", index_coded_frames(50), 10, faststart=True)
     write_cut_at(media / "tail.mp4", media / "truncated_tail.mp4", 3.4)     # readable index, data cut at 3.4 s
+    write_cut_at(media / "tail.mp4", media / "cut_between_packets.mp4", 3.4, boundary=True)   # decord: no error
     (media / "text.mp4").write_text("not a video, just text\n" * 20)
     write_audio_only(media / "audio_only.mp4")
     write_flat_video(media / "short.mp4", seconds=0.4, fps=10)              # shorter than 1 s at 1 fps
     rows = [("good0", "media/good0.mp4"), ("missing", "media/no_such_file.mp4"), ("empty", "media/empty.mp4"),
             ("truncated", "media/truncated.mp4"), ("truncated_tail", "media/truncated_tail.mp4"),
+            ("cut_between_packets", "media/cut_between_packets.mp4"),
             ("text", "media/text.mp4"), ("audio_only", "media/audio_only.mp4"), ("short", "media/short.mp4"),
             ("hang", "media/hang_me.mp4"), (ODD_ID, "media/odd.mp4"), ("good1", "media/good1.mp4")]
     corpus = root / "corpus.csv"
@@ -82,7 +84,7 @@ def test_every_video_gets_a_row_and_too_many_failures_exit_1(bad_run):
     proc, store, rows = bad_run
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-    assert f"videos: 11 in corpus | ok {len(GOOD)} | failed {len(FAILED)} | skipped 0" in proc.stdout
+    assert f"videos: 12 in corpus | ok {len(GOOD)} | failed {len(FAILED)} | skipped 0" in proc.stdout
     assert "too many failures" in proc.stdout
     for vid in FAILED:
         assert f"  {vid}: {rows[vid]['error']}" in proc.stdout
@@ -119,6 +121,10 @@ def test_truncated_mp4_fails_in_the_middle_of_the_video(bad_run):
     row = failed_row(bad_run, "truncated_tail")
     assert "truncated file?" in row["error"]
     assert row["n_frames"] == 5       # sampled frames known from the index; the chunks written were dropped
+
+
+def test_mp4_cut_exactly_between_two_packets_is_not_stored_as_a_shorter_video(bad_run):
+    assert "truncated file?" in failed_row(bad_run, "cut_between_packets")["error"]
 
 
 def test_text_file_named_mp4(bad_run):

@@ -74,9 +74,9 @@ def test_two_writers_through_the_cli_store_what_one_writer_stores(corpus, tiny_m
 
 
 class InProcessRun:
-    """``run_extract`` in a thread, with a hanging video, so a test can kill parts of it while it runs."""
+    """``run_extract`` in a thread, with a hanging video (``hang``), so a test can kill parts of it while it runs."""
 
-    def __init__(self, corpus: Path, model: Path, store: Path, monkeypatch, **values):
+    def __init__(self, corpus: Path, model: Path, store: Path, monkeypatch, hang: bool = True, **values):
         import ray
 
         from dualfocus.extract import writer_actor
@@ -85,7 +85,8 @@ class InProcessRun:
 
         if ray.is_initialized():
             ray.shutdown()
-        monkeypatch.setenv(HANG_ENV, f"toy_{N_VIDEOS - 1:05d}@1")     # hangs after its first chunk
+        if hang:
+            monkeypatch.setenv(HANG_ENV, f"toy_{N_VIDEOS - 1:05d}@1")     # hangs after its first chunk
         self.writers: list = []
         start = writer_actor.start_writers
 
@@ -247,16 +248,13 @@ def bigger_corpus(tmp_path_factory) -> Path:
     return root / "videos"
 
 
-def test_a_node_lost_mid_run_then_the_same_command_again_stores_every_video_once(bigger_corpus, tiny_model, tmp_path):
+def test_a_node_lost_mid_run_then_the_same_command_again_stores_every_video_once(bigger_corpus, tiny_model, tmp_path,
+                                                                                 monkeypatch):
     """A two-node cluster (``ray.cluster_utils.Cluster``: head and one worker node on this machine), one writer
     pinned on each; the worker node is killed once two videos are committed (of 60, so the run is far from done),
     taking its writer and whatever else ran there. The same command again, on the head alone: every video once."""
     import ray
     from ray.cluster_utils import Cluster
-
-    from dualfocus.extract.config import ExtractConfig
-    from dualfocus.extract.run import run_extract
-    from dualfocus.pipeline.config import load_config
 
     if ray.is_initialized():
         ray.shutdown()
@@ -266,28 +264,13 @@ def test_a_node_lost_mid_run_then_the_same_command_again_stores_every_video_once
         cluster.wait_for_nodes()
         store = tmp_path / "store"
         group = store / "groups" / "eva"
-        values = {"corpus": str(bigger_corpus), "model": str(tiny_model), "out": str(store),
-                  "ray.address": cluster.address, "ray.writers": 2, "ray.writer_cpus": 0,
-                  "store.videos_per_shard": 1}
-        outcome: dict = {}
-
-        def first_run():
-            try:
-                run_extract(load_config(ExtractConfig, values=values), progress=False)
-            except BaseException as e:  # noqa: BLE001 - the test looks at it
-                outcome["error"] = e
-
-        thread = threading.Thread(target=first_run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 300
-        while len(committed(group)) < 2 and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert thread.is_alive() and len(committed(group)) >= 2, f"no commit while running: {outcome}"
+        run = InProcessRun(bigger_corpus, tiny_model, store, monkeypatch, hang=False, **{
+            "ray.address": cluster.address, "ray.writers": 2, "ray.writer_cpus": 0})
+        run.wait_for_commits(group, 2)
         cluster.remove_node(worker, allow_graceful=False)
         cluster.wait_for_nodes()                  # until the cluster itself counts the node as gone
-        thread.join(300)
-        assert not thread.is_alive(), "the run did not end after the node was lost"
-        assert "extract stopped" in str(outcome.get("error")), outcome
+        error = run.finish()
+        assert "extract stopped" in str(error), error
         before = latest(read_all(group))
         assert 0 < len(before) < 60 and (before["status"] == "ok").all()
         ray.shutdown()
