@@ -118,7 +118,7 @@ def run_once(videos: Path, model: Path, store: Path, writers: int, address: str 
         values["ray.address"] = address
     cfg = load_config(ExtractConfig, values=values)
     if not address:
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     with RssMonitor() as rss, DriverBytes() as driver:
         before = rss.me.cpu_times()
         start = time.perf_counter()
@@ -190,7 +190,7 @@ def main() -> None:
     if args.writers_only:
         import ray
 
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
         print(f"writer actors alone: {args.videos} videos x {args.seconds} frames, chunks of 32 frames")
         for writers in [int(w) for w in args.writers.split(",")]:
             store = args.dir / f"store-only-{writers}w"

@@ -124,11 +124,14 @@ def _init_ray(cfg: ExtractConfig):
             raise UserError(f"{key}={address}: {str(e).splitlines()[0]}") from None
         return
     # Locally, reserve exactly what the stages ask for (at least the machine's cores) so the actor
-    # pools always fit, even on a 2-core laptop.
+    # pools always fit, even on a 2-core laptop. address="local": with no address, ray.init would join
+    # the last cluster `ray start` recorded on this machine (/tmp/ray/ray_current_cluster), even one long
+    # gone or another user's, and then refuse num_cpus; joining a cluster is what ray.address is for.
     wanted = (cfg.ray.decode_workers * cfg.ray.decode_cpus + cfg.ray.encoder_actors * cfg.ray.encoder_cpus
               + cfg.ray.n_writers() * cfg.ray.writer_cpus)
-    start_local_ray(lambda: ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False,
-                                     log_to_driver=True, configure_logging=True, logging_level="ERROR"))
+    start_local_ray(lambda: ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)),
+                                     include_dashboard=False, log_to_driver=True, configure_logging=True,
+                                     logging_level="ERROR"))
 
 
 def start_local_ray(init, attempts: int = 3) -> None:

@@ -233,7 +233,31 @@ def test_inside_a_job_extract_joins_the_jobs_cluster(monkeypatch):
     assert calls[-1]["address"] == "auto"
     monkeypatch.delenv("RAY_ADDRESS")
     _init_ray(ExtractConfig())
-    assert "address" not in calls[-1] and calls[-1]["num_cpus"] >= 1  # local Ray, as before
+    assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] >= 1  # a local Ray of its own, as before
+
+
+def test_a_cluster_recorded_by_ray_start_does_not_capture_a_local_extract(tiny_model, toy_corpus, tmp_path):
+    """`ray start` (and ray.cluster_utils.Cluster) record their address in RAY_TMPDIR/ray/ray_current_cluster,
+    and a bare ray.init() joins whatever is recorded there, even a cluster long gone. A local extract (no
+    ray.address, no RAY_ADDRESS) must start its own Ray regardless: CI once failed when another test's cluster
+    was recorded there while this suite extracted ("When connecting to an existing cluster, num_cpus ...")."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dfrt", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
+        videos = sorted(p.stem for p in (toy_corpus / "videos").glob("*.mp4"))[:2]
+        corpus = tmp_path / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"video_id": v, "path": str(toy_corpus / "videos" / f"{v}.mp4")})
+                                  + "\n" for v in videos))
+        env = {**os.environ, **CLUSTER_ENV, "RAY_TMPDIR": str(ray_tmp), "COLUMNS": "200"}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run([*dualfocus_command(), "extract", str(corpus), "--model", str(tiny_model), "--out",
+                               str(tmp_path / "store"), "--no-progress"], capture_output=True, text=True, env=env,
+                              timeout=JOB_TIMEOUT_S)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "ok 2 | failed 0 | skipped 0" in proc.stdout, proc.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_an_unreachable_cluster_is_a_one_line_error_naming_the_key(monkeypatch):

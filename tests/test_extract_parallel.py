@@ -207,7 +207,7 @@ def test_writers_the_cluster_cannot_place_are_a_one_line_error(tmp_path):
                                                                                              "max_frames": None})
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         with pytest.raises(UserError, match=r"ray.writers=2 with ray.writer_cpus=2: only 0 writer\(s\) could be "
                                             r"placed within 3 s \(1 CPUs free in the cluster\)"):
@@ -258,6 +258,10 @@ def test_a_node_lost_mid_run_then_the_same_command_again_stores_every_video_once
 
     if ray.is_initialized():
         ray.shutdown()
+    # Cluster records its address in /tmp/ray/ray_current_cluster (and deletes that file at shutdown), where
+    # a bare ray.init() or `ray status` of anyone on this machine would find it: leave the file alone
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
         worker = cluster.add_node(num_cpus=2)
