@@ -1,7 +1,7 @@
 """Per-question-type learning curves of the connector on an existing toy store (a diagnostic, not a test).
 
     python benchmarks/learning_probe.py --work DIR [--steps 600] [--lr 1e-3] [--gate-init 0] [--gate-lr-scale 1]
-                                        [--gate-kind linear|tanh]
+                                        [--gate-kind linear|tanh] [--qformer-dropout P]
 
 DIR holds `toy/` (from `dualfocus toy-corpus`), `model/` (init-tiny) and `store/` (extract), e.g. the
 directory `benchmarks/toy_learning.py --dir DIR` leaves behind. The loop is the training step without
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--gate-init", type=float, default=0.0, help="FFP gate value at step 0 (paper: 0; tiny recipe: 1)")
     ap.add_argument("--gate-lr-scale", type=float, default=1.0, help="gate learning rate / base (paper: 1)")
     ap.add_argument("--gate-kind", choices=("linear", "tanh"), default="linear", help="s + g*c or s + tanh(g)*c")
+    ap.add_argument("--qformer-dropout", type=float, default=None, help="Q-Former dropout (default: the model's)")
     ap.add_argument("--time-init-std", type=float, default=None, help="re-initialise the time embedding at this std")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
@@ -69,7 +70,8 @@ def main() -> None:
         seen_items.append({**item, "sample": dataclasses.replace(sample, text_ids=sample.text_ids[:n_prompt])})
     test_golds = [answers[item["sample"].question_id]["answer"] for item in test_items]
 
-    connector = DualFocusConfig(ffp_heads=args.ffp_heads, gate_init=args.gate_init, gate_kind=args.gate_kind)
+    connector = DualFocusConfig(ffp_heads=args.ffp_heads, gate_init=args.gate_init, gate_kind=args.gate_kind,
+                                qformer_dropout=args.qformer_dropout)
     model = build_dualfocus(model_dir, connector, seed=args.seed)
     if args.time_init_std is not None:
         with torch.no_grad():
