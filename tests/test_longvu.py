@@ -308,6 +308,12 @@ def test_default_precision_cli_train_then_generate_and_ask(streams_store, toy_co
             "configs/train_longvu_tiny.yaml", "llm_dtype=bfloat16", "deepspeed=configs/ds_zero2_bf16.json",
             "max_steps=2", "save_every=2", "data.batch_size=2", "data.num_workers=0", "--no-progress",
             env={"OMP_NUM_THREADS": "1"})
+    # and resumes (a LongVU run's saved config was once compared with DualFocus's defaults and refused)
+    out = run_cli("train", store, toy_corpus / "train.json", "--model", tiny_model, "--out", run, "--config",
+                  "configs/train_longvu_tiny.yaml", "llm_dtype=bfloat16", "deepspeed=configs/ds_zero2_bf16.json",
+                  "max_steps=3", "save_every=2", "data.batch_size=2", "data.num_workers=0", "--no-progress", "--resume",
+                  env={"OMP_NUM_THREADS": "1"}).stdout
+    assert "steps: 3 (resumed at step 2)" in out, out
     meta = json.loads((run / "final" / "dualfocus.json").read_text())
     assert (meta["connector"], meta["llm_dtype"], meta["streams"]) == ("longvu", "bfloat16",
                                                                        ["siglip.grid", "dino.grid"])

@@ -150,6 +150,24 @@ def test_resume_with_another_config_names_every_differing_key(tmp_path):
     assert "data.batch_size" not in message
 
 
+@pytest.mark.parametrize("recipe, key", [("slowfast", "temporal_stride"), ("longvu", "depth"),
+                                         ("videopanda", "heads"), ("qavit", "ffp_blocks")])
+def test_a_run_of_any_connector_resumes_and_still_names_a_changed_key(tmp_path, recipe, key):
+    """The defaults that fill keys a saved config lacks are its own connector's: they once came from DualFocus's,
+    so every other connector's run was refused on --resume (``connector.ffp_blocks (2 -> None)``, ...)."""
+    def config(*overrides: str) -> TrainConfig:
+        return load_config(TrainConfig, REPO / "configs" / f"train_{recipe}_tiny.yaml", overrides,
+                           {"store": "s", "annotations": "a.json", "model": "m", "out": str(tmp_path / "run")})
+
+    run = fake_finished_run(config())
+    check_resume(config("max_steps=900"), run, resume=True)
+    value = getattr(config().connector, key)
+    with pytest.raises(UserError, match=rf"connector\.{key} \({value} -> {2 * value}\)"):
+        check_resume(config(f"connector.{key}={2 * value}"), run, resume=True)
+    with pytest.raises(UserError, match=r"connector\.name \("):
+        check_resume(base_config(tmp_path), run, resume=True)
+
+
 def test_a_run_saved_before_a_key_existed_resumes_with_that_keys_default(tmp_path):
     import yaml
 

@@ -152,13 +152,30 @@ def check_resume(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
     if not saved.is_file() or latest_complete_tag(run_dir) is None:
         raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
     # A key the saved config lacks was added to dualfocus after that run started; the run trained with the
-    # behaviour that key's default keeps, so a run begun on an older version still resumes.
-    old = _same_paths({**_flatten(config_to_dict(TrainConfig())), **_flatten(yaml.safe_load(saved.read_text()))})
+    # behaviour that key's default keeps, so a run begun on an older version still resumes. The defaults are
+    # those of the saved run's own connector (a LongVU run has no FFP keys to fill in).
+    saved_values = yaml.safe_load(saved.read_text()) or {}
+    old = _same_paths({**_flatten(config_to_dict(_defaults_for(saved_values))), **_flatten(saved_values)})
     new = _same_paths(_flatten(config_to_dict(cfg)))
     differing = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
     if differing:
         detail = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differing)
         raise UserError(f"--resume: {run_dir} was trained with a different config: {detail}")
+
+
+def _defaults_for(saved: dict) -> TrainConfig:
+    """The default config of the connector a saved run names (dualfocus when it names none or an unknown one:
+    the comparison then reports the difference)."""
+    from dataclasses import replace
+
+    from dualfocus.connectors.registry import connector_class
+
+    defaults = TrainConfig()
+    name = (saved.get("connector") or {}).get("name", defaults.connector.name)
+    try:
+        return replace(defaults, connector=connector_class(str(name)).config_class())
+    except ValueError:
+        return defaults
 
 
 PATH_KEYS = ("store", "annotations", "model", "out")
