@@ -2,7 +2,8 @@
 
 One JSON line per question: ``{"question_id", "video_id", "question", "pred", "visual_tokens"}`` (the last: how
 many visual tokens the LLM read for that question's video). Question ids already in
-the output file are skipped, so an interrupted run continues where it stopped. Questions whose video is
+the output file are skipped, so an interrupted run continues where it stopped; a file another export or other
+answer-changing settings began is refused (``PREDS.source.json`` records them). Questions whose video is
 not in the store (or failed there) are listed in the summary and in ``PREDS.missing.json``.
 """
 
@@ -78,6 +79,47 @@ def done_question_ids(path: Path) -> set[str]:
     return done
 
 
+def answers_source(cfg: GenerateConfig) -> dict:
+    """What decides the answers in a predictions file: the export's bytes (a digest of its two files) and the
+    settings that change answers, paths resolved. Saved beside the predictions as ``PREDS.source.json``."""
+    import hashlib
+
+    from dualfocus.connectors.export import EXPORT_META, EXPORT_WEIGHTS
+    from dualfocus.pipeline.config import config_to_dict
+
+    digest = hashlib.sha256()
+    for name in (EXPORT_META, EXPORT_WEIGHTS):
+        with open(Path(cfg.checkpoint) / name, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return {"checkpoint": digest.hexdigest(), "store": str(Path(cfg.store).resolve()),
+            "model": str(Path(cfg.model).resolve()) if cfg.model else None, "max_frames": cfg.max_frames,
+            "llm_dtype": cfg.llm_dtype, "sampling": config_to_dict(cfg.sampling)}
+
+
+def check_same_source(out: Path, source: dict) -> None:
+    """Refuse to add answers to predictions another export or other settings made: the file would then score two
+    models as one. (A file written before sources were recorded is taken as it is.)"""
+    from dualfocus.pipeline.errors import UserError
+
+    saved_path = out.with_suffix(".source.json")
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    differing = []
+    if saved.get("checkpoint") != source["checkpoint"]:
+        differing.append("another checkpoint (its weights or record differ)")
+    for key in ("store", "model", "max_frames", "llm_dtype"):
+        if saved.get(key) != source[key]:
+            differing.append(f"{key} ({saved.get(key)!r} -> {source[key]!r})")
+    for key, value in source["sampling"].items():
+        if saved.get("sampling", {}).get(key) != value:
+            differing.append(f"sampling.{key} ({saved.get('sampling', {}).get(key)!r} -> {value!r})")
+    if differing:
+        raise UserError(f"{out} holds answers made with {', '.join(differing)}; answer into another --out, "
+                        f"or delete {out} to answer every question again")
+
+
 def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     """Answer every question of ``cfg.questions`` not yet in ``cfg.out``; see module docstring."""
     from dualfocus.connectors.export import read_export
@@ -110,11 +152,15 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
                          tokens_per_frame=system.tokens_per_frame(connector_cfg, model_dir))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    done = done_question_ids(out)
+    source = answers_source(cfg)
+    if done:
+        check_same_source(out, source)
     save_config(cfg, out.with_suffix(".config.yaml"))
+    out.with_suffix(".source.json").write_text(json.dumps(source, indent=2) + "\n")
     if prepared.report.missing:
         out.with_suffix(".missing.json").write_text(json.dumps(prepared.report.missing, indent=2))
 
-    done = done_question_ids(out)
     todo = [s for s in prepared.samples if s.question_id not in done]
     summary = GenerateSummary(out=str(out), total=prepared.report.total, written=0,
                               skipped=len(prepared.samples) - len(todo), missing=prepared.report.missing, seconds=0.0)

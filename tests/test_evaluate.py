@@ -37,6 +37,34 @@ def test_generate_writes_one_line_per_question_and_resumes(tmp_path, toy_store, 
     assert {r["question_id"]: r["pred"] for r in again} == {r["question_id"]: r["pred"] for r in rows}
 
 
+def test_generate_refuses_to_add_answers_from_another_checkpoint_or_settings(tmp_path, toy_store, toy_corpus,
+                                                                              trained):
+    """A predictions file is one model's answers: continuing it with a retrained (or resumed-and-re-exported)
+    checkpoint, or with other sampling, would silently keep the old answers and score them as the new model's."""
+    from safetensors.torch import load_file, save_file
+
+    preds = tmp_path / "preds.jsonl"
+    args = ("generate", toy_store, toy_corpus / "test_q.json", "--out", preds, "sampling.max_new_tokens=4")
+    run_cli(*args, "--checkpoint", trained, "--greedy")
+    rows = _read_jsonl(preds)
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))  # as if interrupted
+
+    retrained = tmp_path / "retrained"
+    shutil.copytree(trained, retrained)
+    weights = load_file(retrained / "connector.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, retrained / "connector.safetensors")
+    for extra, named in [(("--checkpoint", retrained, "--greedy"), "another checkpoint"),
+                         (("--checkpoint", trained), "sampling.greedy (True -> False)")]:
+        proc = run_cli(*args, *extra, check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"{preds} holds answers made with" in proc.stderr and named in proc.stderr, proc.stderr
+        assert len(_read_jsonl(preds)) == len(rows) - 1                  # nothing added, nothing lost
+    proc = run_cli(*args, "--checkpoint", trained, "--greedy")         # the same model and settings continue
+    assert "answered now 1" in proc.stdout and len(_read_jsonl(preds)) == len(rows)
+
+
 def test_generate_reports_questions_without_video(tmp_path, toy_store, toy_corpus, trained):
     questions = json.loads((toy_corpus / "test_q.json").read_text())
     questions.append({"video_name": "no_such_video.mp4", "question": "What color is it?", "question_id": "ghost"})
