@@ -13,7 +13,7 @@ import pytest
 from dualfocus.compare.config import CompareConfig
 from dualfocus.compare.run import DONE, MISSING, Row, _differences, chance_row, mean_visual_tokens
 from dualfocus.compare.table import header, question_types, render_markdown
-from tests.conftest import proc_stat, run_cli
+from conftest import proc_stat, run_cli
 
 pytestmark = pytest.mark.long(minutes=2)
 
@@ -143,7 +143,7 @@ def test_killing_compare_stops_its_training_child(toy_store: Path, toy_corpus: P
     import subprocess
     import time
 
-    from tests.conftest import dualfocus_command
+    from conftest import dualfocus_command
 
     out = tmp_path / "cmp"
     proc = subprocess.Popen([*dualfocus_command(), "compare", str(toy_store), str(toy_corpus / "train.json"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 def _kind_words(kind: str, words: list[str]) -> list[str]:
