@@ -27,6 +27,7 @@ import numpy as np
 from . import info as store_info
 from . import layout, manifest
 from .dtypes import as_numpy, encode_tap
+from .keys import safe_key
 from .protocols import TIMESTAMPS, ShardWriter
 from .tar_shard import TarShardWriter
 from .zarr_shard import ZarrShardWriter
@@ -272,8 +273,6 @@ class SlotWriter:
 
 def new_row(video_id: str, path: str, meta: dict | None) -> dict:
     """A manifest row for `video_id` before its outcome is known."""
-    from .keys import safe_key
-
     meta = dict(meta or {})
     unknown = sorted(set(meta) - set(META_KEYS))
     if unknown:
@@ -281,6 +280,9 @@ def new_row(video_id: str, path: str, meta: dict | None) -> dict:
     return {"video_id": video_id, "key": safe_key(video_id), "path": str(path), "status": "",
             "error": "",
             "n_frames": None if meta.get("n_frames") is None else int(meta["n_frames"]),
-            "duration_s": float("nan") if meta.get("duration_s") is None else float(meta["duration_s"]),
-            "native_fps": float("nan") if meta.get("native_fps") is None else float(meta["native_fps"]),
+            "duration_s": _float_or_nan(meta.get("duration_s")), "native_fps": _float_or_nan(meta.get("native_fps")),
             "shard": None, "start": 0, "length": 0, "bytes": 0}
+
+
+def _float_or_nan(value) -> float:
+    return float("nan") if value is None else float(value)

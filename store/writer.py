@@ -244,8 +244,11 @@ class GroupWriter:
         if self._own is not None:
             raise RuntimeError(f"group {self.name!r}: slot_specs after this writer wrote videos itself")
         self._handed_out = True
-        return [SlotSpec(str(self.root), self.name, slot, slots, self.first_index, self.videos_per_shard,
-                         self.max_shard_bytes, self.frames_per_zarr_shard) for slot in range(slots)]
+        return [self._slot_spec(slot, slots) for slot in range(slots)]
+
+    def _slot_spec(self, slot: int, slots: int) -> SlotSpec:
+        return SlotSpec(str(self.root), self.name, slot, slots, self.first_index, self.videos_per_shard,
+                        self.max_shard_bytes, self.frames_per_zarr_shard)
 
     # ---- per video (this writer's own writing: one video open at a time) ----------------------------
     def begin_video(self, video_id: str, path: str, meta: dict | None = None) -> None:
@@ -317,8 +320,7 @@ class GroupWriter:
         if self._handed_out:
             raise RuntimeError(f"group {self.name!r}: this writer handed its shard names to slot writers")
         if self._own is None:
-            self._own = SlotWriter(SlotSpec(str(self.root), self.name, 0, 1, self.first_index, self.videos_per_shard,
-                                            self.max_shard_bytes, self.frames_per_zarr_shard))
+            self._own = SlotWriter(self._slot_spec(0, 1))
         return self._own
 
     def _check_writable(self) -> None:
