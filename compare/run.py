@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dualfocus.compare.config import CompareConfig
+from dualfocus.pipeline.config import describe_differences
 
 DONE, MISSING, FAILED, CHANCE = "done", "missing streams", "failed", "reference"
 
@@ -98,18 +99,6 @@ def settings_of(tcfg, cfg: CompareConfig) -> dict:
     return {"train": train, "test_q": str(Path(cfg.test_q).resolve()), "test_a": str(Path(cfg.test_a).resolve()),
             "max_new_tokens": cfg.max_new_tokens,
             "judge": {"url": cfg.judge.url, "model": cfg.judge.model}}
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    out = []
-    for k in keys:
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k} ({a!r} -> {b!r})")
-    return out
 
 
 def exit_with_parent(parent_pid: int) -> None:
@@ -205,7 +194,7 @@ def compare_one(cfg: CompareConfig, name: str, store, console, progress: bool) -
     if result_path.is_file():
         old = json.loads(result_path.read_text())
         if old.get("status") == DONE:
-            changed = _differences(old.get("settings", {}), settings)
+            changed = describe_differences(old.get("settings", {}), settings)
             if changed:
                 raise UserError(f"{folder} was made with other settings: {', '.join(changed[:6])}; "
                                 f"use another --out, or delete {folder} to redo {name}")

@@ -100,21 +100,17 @@ def answers_source(cfg: GenerateConfig) -> dict:
 def check_same_source(out: Path, source: dict) -> None:
     """Refuse to add answers to predictions another export or other settings made: the file would then score two
     models as one. (A file written before sources were recorded is taken as it is.)"""
+    from dualfocus.pipeline.config import describe_differences
     from dualfocus.pipeline.errors import UserError
 
     saved_path = out.with_suffix(".source.json")
     if not saved_path.is_file():
         return
     saved = json.loads(saved_path.read_text())
-    differing = []
-    if saved.get("checkpoint") != source["checkpoint"]:
-        differing.append("another checkpoint (its weights or record differ)")
-    for key in ("store", "model", "max_frames", "llm_dtype"):
-        if saved.get(key) != source[key]:
-            differing.append(f"{key} ({saved.get(key)!r} -> {source[key]!r})")
-    for key, value in source["sampling"].items():
-        if saved.get("sampling", {}).get(key) != value:
-            differing.append(f"sampling.{key} ({saved.get('sampling', {}).get(key)!r} -> {value!r})")
+    settings = {k: v for k, v in source.items() if k != "checkpoint"}
+    differing = [] if saved.pop("checkpoint", None) == source["checkpoint"] else [
+        "another checkpoint (its weights or record differ)"]
+    differing += describe_differences(saved, settings)
     if differing:
         raise UserError(f"{out} holds answers made with {', '.join(differing)}; answer into another --out, "
                         f"or delete {out} to answer every question again")

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from dualfocus.compare.config import CompareConfig
-from dualfocus.compare.run import DONE, MISSING, Row, _differences, chance_row, mean_visual_tokens
+from dualfocus.compare.run import DONE, MISSING, Row, chance_row, mean_visual_tokens
 from dualfocus.compare.table import header, question_types, render_markdown
+from dualfocus.pipeline.config import describe_differences
 from conftest import proc_stat, run_cli
 
 pytestmark = pytest.mark.long(minutes=2)
@@ -42,8 +43,8 @@ def test_table_columns_follow_the_rows_types_and_judge():
 def test_differences_name_nested_keys():
     old = {"train": {"max_steps": 3, "optim": {"lr": 0.001}}, "test_q": "q.json"}
     new = {"train": {"max_steps": 4, "optim": {"lr": 0.001}}, "test_q": "q.json", "judge": {"url": None}}
-    assert _differences(old, new) == ["judge (None -> {'url': None})", "train.max_steps (3 -> 4)"]
-    assert _differences(new, new) == []
+    assert describe_differences(old, new) == ["judge (None -> {'url': None})", "train.max_steps (3 -> 4)"]
+    assert describe_differences(new, new) == []
 
 
 def test_visual_tokens_are_averaged_per_video_first(tmp_path: Path):
